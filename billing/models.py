@@ -1,0 +1,317 @@
+"""The Stripe mirror, the inbox of events, and what the app still owes (e-mails).
+
+Every mirrored row remembers the Stripe ``created`` time of the event that last wrote it
+(``last_event_created``): an older snapshot never overwrites a newer one, whatever order
+Stripe delivers them in. See docs/decisions/0002-inbox-and-ordering.rst.
+"""
+from django.db import models
+from simple_history.models import HistoricalRecords
+
+from provisioning.models import Account, Entitlement
+
+
+class MirrorFields(models.Model):
+    """Bookkeeping common to every row mirrored from a Stripe object."""
+
+    stripe_created = models.DateTimeField(null=True, blank=True, help_text="The object's own `created` in Stripe.")
+    last_event_created = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Stripe's `created` of the event whose snapshot last wrote this row; "
+        "older snapshots are ignored.",
+    )
+    last_event_id = models.CharField(max_length=255, blank=True, help_text="The event that last wrote this row.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        abstract = True
+
+
+class Subscription(MirrorFields):
+    """Mirror of a Stripe subscription (https://docs.stripe.com/api/subscriptions/object)."""
+
+    class Status(models.TextChoices):
+        INCOMPLETE = "incomplete"
+        INCOMPLETE_EXPIRED = "incomplete_expired"
+        TRIALING = "trialing"
+        ACTIVE = "active"
+        PAST_DUE = "past_due"
+        CANCELED = "canceled"
+        UNPAID = "unpaid"
+        PAUSED = "paused"
+
+    stripe_id = models.CharField(max_length=255, unique=True)
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="subscriptions")
+    status = models.CharField(max_length=32, choices=Status.choices)
+    quantity = models.PositiveIntegerField(default=1, help_text="Seats: the quantity of the subscription item.")
+    price_id = models.CharField(max_length=255, blank=True)
+    current_period_start = models.DateTimeField(null=True, blank=True)
+    current_period_end = models.DateTimeField(null=True, blank=True)
+    trial_start = models.DateTimeField(null=True, blank=True)
+    trial_end = models.DateTimeField(null=True, blank=True)
+    cancel_at_period_end = models.BooleanField(default=False)
+    cancel_at = models.DateTimeField(null=True, blank=True)
+    canceled_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    history = HistoricalRecords()
+
+    class Meta:
+        ordering = ["-created_at", "pk"]
+
+    def __str__(self):
+        return f"{self.stripe_id} ({self.status})"
+
+
+class Invoice(MirrorFields):
+    """Mirror of a Stripe invoice (https://docs.stripe.com/api/invoices/object).
+
+    Money is an integer in the currency's minor unit, always beside ``currency``.
+    """
+
+    class Status(models.TextChoices):
+        DRAFT = "draft"
+        OPEN = "open"
+        PAID = "paid"
+        UNCOLLECTIBLE = "uncollectible"
+        VOID = "void"
+
+    stripe_id = models.CharField(max_length=255, unique=True)
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="invoices")
+    subscription = models.ForeignKey(
+        Subscription,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="invoices",
+        help_text="Null for one-off invoices, and until the subscription itself is mirrored.",
+    )
+    stripe_subscription_id = models.CharField(
+        max_length=255,
+        blank=True,
+        db_index=True,
+        help_text="The subscription the invoice names, kept even before that subscription is mirrored.",
+    )
+    number = models.CharField(max_length=255, blank=True, help_text="Assigned by Stripe at finalization.")
+    status = models.CharField(max_length=16, choices=Status.choices)
+    billing_reason = models.CharField(max_length=64, blank=True)
+    currency = models.CharField(max_length=3)
+    total = models.BigIntegerField(default=0)
+    amount_due = models.BigIntegerField(default=0)
+    amount_paid = models.BigIntegerField(default=0)
+    amount_remaining = models.BigIntegerField(default=0)
+    amount_refunded = models.BigIntegerField(default=0, help_text="Refunded so far, from charge and refund events.")
+    customer_email = models.EmailField(blank=True)
+    hosted_invoice_url = models.URLField(max_length=1000, blank=True)
+    invoice_pdf = models.URLField(max_length=1000, blank=True)
+    period_start = models.DateTimeField(
+        null=True, blank=True, help_text="Service period of the invoice's subscription line (not Stripe's invoice period)."
+    )
+    period_end = models.DateTimeField(null=True, blank=True)
+    line_quantity = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Quantity billed on the subscription line for that period."
+    )
+    paid_at = models.DateTimeField(null=True, blank=True)
+    receipt_sent_at = models.DateTimeField(null=True, blank=True)
+
+    history = HistoricalRecords()
+
+    class Meta:
+        ordering = ["-stripe_created", "-pk"]
+        indexes = [models.Index(fields=["subscription", "period_start"], name="invoice_sub_period")]
+
+    def __str__(self):
+        return self.number or self.stripe_id
+
+
+class InvoiceLineItem(models.Model):
+    """One line of a mirrored invoice (https://docs.stripe.com/api/invoice-line-item/object)."""
+
+    invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="lines")
+    stripe_id = models.CharField(max_length=255)
+    description = models.TextField(blank=True)
+    currency = models.CharField(max_length=3)
+    amount = models.BigIntegerField(default=0)
+    quantity = models.PositiveIntegerField(null=True, blank=True)
+    period_start = models.DateTimeField(null=True, blank=True)
+    period_end = models.DateTimeField(null=True, blank=True)
+    parent_type = models.CharField(
+        max_length=64, blank=True, help_text="subscription_item_details or invoice_item_details."
+    )
+    stripe_subscription_id = models.CharField(max_length=255, blank=True)
+    price_id = models.CharField(max_length=255, blank=True)
+    proration = models.BooleanField(default=False)
+
+    history = HistoricalRecords()
+
+    class Meta:
+        ordering = ["invoice", "pk"]
+        constraints = [models.UniqueConstraint(fields=["invoice", "stripe_id"], name="uniq_invoice_line")]
+
+    def __str__(self):
+        return self.stripe_id
+
+
+class Renewal(models.Model):
+    """One planned move of a subscription into its next paid period.
+
+    Created ahead of time by provisioning (at trial start: effective at ``trial_end``; after
+    each paid period: effective at its end), linked to the invoice that pays for it, and
+    processed exactly once when that invoice is paid. See
+    docs/decisions/0001-invoice-to-renewal-matching.rst.
+    """
+
+    subscription = models.ForeignKey(Subscription, on_delete=models.CASCADE, related_name="renewals")
+    effective_date = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="The instant (UTC) the new period starts: trial_end, or the end of the paid period before.",
+    )
+    stripe_invoice_id = models.CharField(
+        max_length=255,
+        null=True,
+        blank=True,
+        unique=True,
+        help_text="The invoice that pays for this renewal (in_...). Set once; a conflicting id is ignored.",
+    )
+    processed_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the paid entitlement was granted; set once, never cleared."
+    )
+    from_entitlement = models.ForeignKey(
+        Entitlement, on_delete=models.SET_NULL, null=True, blank=True, related_name="renewals_from"
+    )
+    to_entitlement = models.ForeignKey(
+        Entitlement, on_delete=models.SET_NULL, null=True, blank=True, related_name="renewals_to"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    history = HistoricalRecords()
+
+    class Meta:
+        ordering = ["subscription", "effective_date", "pk"]
+        constraints = [
+            models.UniqueConstraint(fields=["subscription", "effective_date"], name="uniq_renewal_effective_date")
+        ]
+
+    def __str__(self):
+        return f"renewal of {self.subscription_id} at {self.effective_date:%Y-%m-%d %H:%M}" if self.effective_date else f"renewal of {self.subscription_id}"
+
+
+class StripeEvent(models.Model):
+    """The inbox: every verified delivery, whatever its fate.
+
+    The primary key is Stripe's event id, so a duplicate delivery finds the row of the first.
+    """
+
+    class Status(models.TextChoices):
+        RECEIVED = "received"
+        PROCESSED = "processed"
+        IGNORED = "ignored"
+        FAILED = "failed"
+
+    id = models.CharField(primary_key=True, max_length=255, help_text="Stripe's event id (evt_...).")
+    type = models.CharField(max_length=255, db_index=True)
+    api_version = models.CharField(max_length=64, blank=True)
+    livemode = models.BooleanField(default=False)
+    created = models.DateTimeField(help_text="Stripe's creation time of the event.")
+    object_id = models.CharField(
+        max_length=255, blank=True, db_index=True, help_text="`data.object.id`: finds the events behind a row."
+    )
+    payload = models.JSONField(help_text="The event exactly as Stripe sent it.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED, db_index=True)
+    attempts = models.PositiveIntegerField(default=0, help_text="Times a handler ran on this event.")
+    last_error = models.TextField(blank=True)
+    received_at = models.DateTimeField(auto_now_add=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created", "-received_at"]
+        indexes = [models.Index(fields=["type", "created"], name="stripeevent_type_created")]
+
+    def __str__(self):
+        return f"{self.id} {self.type} ({self.status})"
+
+
+class Payment(models.Model):
+    """A PaymentIntent that paid (part of) an invoice, and what was refunded of it.
+
+    Since API version 2025-03-31.basil a charge no longer names its invoice; the link comes
+    from ``invoice_payment.paid`` events (or Stripe's InvoicePayments API), so refunds can
+    arrive before the invoice they belong to is known: they are kept here until it is.
+    """
+
+    payment_intent_id = models.CharField(max_length=255, unique=True)
+    invoice = models.ForeignKey(Invoice, on_delete=models.SET_NULL, null=True, blank=True, related_name="payments")
+    stripe_invoice_id = models.CharField(max_length=255, blank=True, db_index=True)
+    charge_id = models.CharField(max_length=255, blank=True, db_index=True)
+    currency = models.CharField(max_length=3, blank=True)
+    charge_amount_refunded = models.BigIntegerField(
+        default=0, help_text="The charge's cumulative `amount_refunded` from charge.refunded."
+    )
+    last_event_created = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    history = HistoricalRecords()
+
+    def __str__(self):
+        return self.payment_intent_id
+
+
+class Refund(models.Model):
+    """Mirror of a Stripe refund (https://docs.stripe.com/api/refunds/object)."""
+
+    stripe_id = models.CharField(max_length=255, unique=True)
+    payment_intent_id = models.CharField(max_length=255, blank=True, db_index=True)
+    charge_id = models.CharField(max_length=255, blank=True, db_index=True)
+    amount = models.BigIntegerField(default=0)
+    currency = models.CharField(max_length=3)
+    status = models.CharField(max_length=32, blank=True)
+    last_event_created = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    history = HistoricalRecords()
+
+    def __str__(self):
+        return self.stripe_id
+
+
+class OwedEmail(models.Model):
+    """An e-mail the app owes, recorded in the transaction of the change that owes it.
+
+    The on-commit task normally sends it at once; if the broker or the process died in
+    between, the periodic sweep finds it still unsent. ``key`` makes it owed once: a receipt is
+    ``receipt:<invoice id>``, whatever the number of deliveries of ``invoice.paid``.
+    """
+
+    class Kind(models.TextChoices):
+        RECEIPT = "receipt"
+        PAYMENT_FAILED = "payment_failed"
+        TRIAL_WILL_END = "trial_will_end"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SENT = "sent"
+        FAILED = "failed"
+
+    key = models.CharField(max_length=255, unique=True)
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="owed_emails")
+    invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, null=True, blank=True, related_name="owed_emails")
+    subscription = models.ForeignKey(
+        Subscription, on_delete=models.CASCADE, null=True, blank=True, related_name="owed_emails"
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return self.key

@@ -1,0 +1,2 @@
+def start_in_process_sweeper():
+    pass

@@ -1,0 +1,10 @@
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+application = get_asgi_application()
+
+from billing.outbox import start_in_process_sweeper  # noqa: E402
+
+start_in_process_sweeper()
