@@ -87,7 +87,7 @@ def envelope_problem(payload: Any) -> str | None:
     if len(payload["id"]) > 255 or len(payload["type"]) > 255:
         return "the event id or type is too long"
     created = payload.get("created")
-    if created is not None and (not isinstance(created, int) or isinstance(created, bool)):
+    if not isinstance(created, int) or isinstance(created, bool):
         return "the event's created is not a unix timestamp"
     data = payload.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
@@ -213,6 +213,7 @@ class InvoiceSnapshot:
     invoice_pdf: str
     paid_at: datetime | None
     created: datetime | None
+    attempt_count: int
     lines: tuple[LineSnapshot, ...]
 
     @property
@@ -283,6 +284,7 @@ def read_invoice(inv: dict) -> InvoiceSnapshot:
         invoice_pdf=inv.get("invoice_pdf") or "",
         paid_at=ts(transitions.get("paid_at")),
         created=ts(inv.get("created")),
+        attempt_count=int(inv.get("attempt_count") or 0),
         lines=lines,
     )
 

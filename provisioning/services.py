@@ -1,0 +1,100 @@
+"""Writes to accounts and entitlements. Billing handlers call these; nothing else writes.
+
+Every function expects to run inside the caller's transaction and takes row locks in one
+order, account first, so that concurrent events of one customer are applied one at a time.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from django.db import IntegrityError, transaction
+
+from .models import Account, Entitlement, Membership
+
+logger = logging.getLogger(__name__)
+
+
+def lock_account_for_customer(customer_id: str, *, name: str = "", email: str = "") -> Account:
+    """The account of a Stripe customer, locked for this transaction; created if never seen.
+
+    A subscription created through the API with no checkout still gets an account, named after
+    the customer's name or e-mail when the payload carries them.
+    """
+    account = Account.objects.select_for_update().filter(stripe_customer_id=customer_id).first()
+    if account is not None:
+        if email and not account.billing_email:
+            account.billing_email = email
+            account.save(update_fields=["billing_email", "updated_at"])
+        return account
+    try:
+        with transaction.atomic():
+            return Account.objects.create(
+                name=(name or email or customer_id)[:255], stripe_customer_id=customer_id, billing_email=email
+            )
+    except IntegrityError:
+        # A concurrent delivery created it first; its transaction has committed by now.
+        return Account.objects.select_for_update().get(stripe_customer_id=customer_id)
+
+
+def grant_entitlement(
+    account: Account,
+    *,
+    kind: str,
+    stripe_subscription_id: str,
+    starts_at: datetime,
+    expires_at: datetime,
+    seats: int,
+    stripe_invoice_id: str = "",
+) -> tuple[Entitlement, bool]:
+    """The entitlement for one window of a subscription; created once (unique window)."""
+    return Entitlement.objects.get_or_create(
+        stripe_subscription_id=stripe_subscription_id,
+        kind=kind,
+        starts_at=starts_at,
+        defaults={
+            "account": account,
+            "expires_at": max(expires_at, starts_at),
+            "seats": max(seats, 0),
+            "stripe_invoice_id": stripe_invoice_id,
+        },
+    )
+
+
+def update_entitlement(entitlement: Entitlement, *, reason: str, **fields) -> bool:
+    """Change fields of an entitlement (with a history reason); False if nothing changed."""
+    changed = [name for name, value in fields.items() if getattr(entitlement, name) != value]
+    if not changed:
+        return False
+    for name in changed:
+        setattr(entitlement, name, fields[name])
+    entitlement._change_reason = reason
+    entitlement.save(update_fields=[*changed, "updated_at"])
+    return True
+
+
+def set_payment_method(account: Account, payment_method_id: str, at: datetime) -> bool:
+    if account.default_payment_method_id == payment_method_id:
+        return False
+    if account.payment_method_added_at and at < account.payment_method_added_at:
+        return False  # an older SetupIntent than the one already recorded
+    account.default_payment_method_id = payment_method_id
+    account.payment_method_added_at = at
+    account.save(update_fields=["default_payment_method_id", "payment_method_added_at", "updated_at"])
+    return True
+
+
+def move_account_rows(source: Account, target: Account) -> None:
+    """Move provisioning rows (entitlements, memberships) of ``source`` to ``target``."""
+    reason = f"merged from account {source.pk} into {target.pk}"
+    for entitlement in Entitlement.objects.filter(account=source):
+        entitlement.account = target
+        entitlement._change_reason = reason
+        entitlement.save(update_fields=["account", "updated_at"])
+    existing_users = set(Membership.objects.filter(account=target).values_list("user_id", flat=True))
+    for membership in Membership.objects.filter(account=source):
+        if membership.user_id in existing_users:
+            continue
+        membership.account = target
+        membership._change_reason = reason
+        membership.save(update_fields=["account"])
