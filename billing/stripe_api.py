@@ -1,0 +1,53 @@
+"""Calls to Stripe's API, in one place (handlers never make them: they run inside a transaction).
+
+stripe-python's ``StripeClient`` is configured from settings; ``STRIPE_API_BASE`` only changes
+in tests and offline demos, where a local server answers in Stripe's shape.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+
+import stripe
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from .stripe_payloads import object_id
+
+
+def client() -> stripe.StripeClient:
+    if not settings.STRIPE_API_KEY:
+        raise ImproperlyConfigured("STRIPE_API_KEY is not set: the Stripe API cannot be called.")
+    return stripe.StripeClient(
+        settings.STRIPE_API_KEY,
+        base_addresses={"api": settings.STRIPE_API_BASE},
+        stripe_version=settings.STRIPE_API_VERSION,
+        max_network_retries=2,
+    )
+
+
+def iter_events(*, created_gte: datetime | None = None, types: list[str] | None = None) -> Iterator[dict]:
+    """Events from the Events API (newest first, 30 days of history), as plain JSON dicts.
+
+    https://docs.stripe.com/api/events/list
+    """
+    params: dict = {"limit": 100}
+    if created_gte is not None:
+        params["created"] = {"gte": int(created_gte.timestamp())}
+    if types:
+        params["types"] = types
+    for event in client().v1.events.list(params).auto_paging_iter():
+        yield event.to_dict(recursive=True, for_json=True)
+
+
+def invoice_for_payment_intent(payment_intent_id: str) -> str | None:
+    """The invoice a PaymentIntent paid, from the InvoicePayments API (basil and later).
+
+    https://docs.stripe.com/api/invoice-payment/list
+    """
+    page = client().v1.invoice_payments.list(
+        {"payment": {"type": "payment_intent", "payment_intent": payment_intent_id}, "limit": 1}
+    )
+    for payment in page.data:
+        return object_id(payment.to_dict().get("invoice")) or None
+    return None
