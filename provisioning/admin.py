@@ -100,7 +100,15 @@ class MembershipAdmin(SimpleHistoryAdmin):
 class EntitlementAdmin(WebhookOwnedAdminMixin, SimpleHistoryAdmin):
     """Entitlements are granted by billing handlers through provisioning.services only."""
 
-    list_display = ("account_link", "kind", "seats", "starts_at", "expires_at", "stripe_subscription_id", "stripe_invoice_id")
+    list_display = (
+        "account_link",
+        "kind",
+        "seats",
+        "starts_at",
+        "expires_at",
+        "stripe_subscription_id",
+        "stripe_invoice_id",
+    )
     list_select_related = ("account",)
     list_filter = ("kind",)
     search_fields = ("account__name", "=stripe_subscription_id", "=stripe_invoice_id")

@@ -23,9 +23,7 @@ def lock_account_for_customer(customer_id: str, *, name: str = "", email: str = 
     """
     account = Account.objects.select_for_update().filter(stripe_customer_id=customer_id).first()
     if account is not None:
-        if email and not account.billing_email:
-            account.billing_email = email
-            account.save(update_fields=["billing_email", "updated_at"])
+        _learn_customer_details(account, name, email)
         return account
     try:
         with transaction.atomic():
@@ -35,6 +33,27 @@ def lock_account_for_customer(customer_id: str, *, name: str = "", email: str = 
     except IntegrityError:
         # A concurrent delivery created it first; its transaction has committed by now.
         return Account.objects.select_for_update().get(stripe_customer_id=customer_id)
+
+
+def _learn_customer_details(account: Account, name: str, email: str) -> None:
+    """Fill in what an account created from a bare customer id did not know yet.
+
+    A name that is only a placeholder (the customer id, or the e-mail) gives way to the real
+    name whichever event brings it, so the result does not depend on delivery order. A name
+    someone chose (at checkout, in the admin) is never touched.
+    """
+    fields = {}
+    if email and not account.billing_email:
+        fields["billing_email"] = email
+    placeholders = {account.stripe_customer_id, account.billing_email, email} - {""}
+    better = name or email
+    if better and account.name != better and account.name in placeholders and (name or account.name != email):
+        fields["name"] = better[:255]
+    if fields:
+        for key, value in fields.items():
+            setattr(account, key, value)
+        account._change_reason = "customer details from Stripe"
+        account.save(update_fields=[*fields, "updated_at"])
 
 
 def grant_entitlement(
