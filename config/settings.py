@@ -87,6 +87,8 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 # --- E-mail ------------------------------------------------------------------------------
 vars().update(env.email_url("EMAIL_URL", default="consolemail://"))
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="billing@localhost")
+# Without a broker, e-mails are sent in the web process after commit: never wait long on SMTP.
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
 
 # --- Stripe ------------------------------------------------------------------------------
 STRIPE_API_KEY = env.str("STRIPE_API_KEY", default="")
