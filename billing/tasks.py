@@ -1,12 +1,185 @@
-"""Celery tasks (placeholder until the e-mail work lands)."""
+"""Celery tasks: send what ``billing.outbox`` recorded as owed, once, and never lose it.
+
+``send_owed_email`` is enqueued by ``owe_email`` once the transaction that owed the e-mail has
+committed. It is idempotent: it locks the ``OwedEmail`` row (``FOR UPDATE SKIP LOCKED``) only
+while it is still ``pending``, sends, and marks it ``sent`` in the same transaction, so a second
+run, a duplicate message or a concurrent run of the sweep finds nothing to do. (The one window
+left is a crash between the SMTP server accepting the message and the commit: the row is still
+pending and the e-mail goes out again. No mail system offers better than that.)
+
+A mail error (connection refused, timeout, SMTP 4xx/5xx) is recorded on the row (``attempts``,
+``last_error``) and committed; the e-mail stays ``pending``:
+
+- with a broker, the task retries itself with exponential backoff (``retry_delay``);
+- without one (``CELERY_TASK_ALWAYS_EAGER``, the task ran inside the web request after commit),
+  it does not retry inline, which would hold up the response: the sweep picks it up.
+
+``sweep_owed_emails`` (Celery beat; without a broker, the thread of
+``billing.outbox.start_in_process_sweeper``) delivers every pending e-mail that is due: never
+tried and older than ``BILLING_OUTBOX_SWEEP_AFTER`` (its task was lost: broker down, process
+killed between commit and send), or tried and past its backoff. After ``MAX_ATTEMPTS`` failed
+attempts the row is ``failed`` for staff to look at, so a dead address does not loop forever.
+
+Logs carry ids, kinds and exception types only: never addresses or message bodies.
+"""
+from __future__ import annotations
+
+import logging
+import smtplib
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+
 from celery import shared_task
+from django.conf import settings
+from django.db import DatabaseError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from .emails import NoRecipient, build_message
+from .models import Invoice, OwedEmail
+
+logger = logging.getLogger(__name__)
+
+# Attempts (by the task, its retries and the sweep together) before an e-mail is given up.
+MAX_ATTEMPTS = 8
+# Wait after the n-th failed attempt: 1, 2, 4, 8 minutes, then 10 minutes; about 45 minutes
+# from the first failure to giving up.
+RETRY_BASE = timedelta(minutes=1)
+RETRY_CAP = timedelta(minutes=10)
+# Rows handed out by one sweep pass; the next pass takes the rest.
+SWEEP_BATCH = 500
+MAX_ERROR_CHARS = 2000
+# What a mail backend raises when the mail server is unreachable or refuses. SMTPException and
+# ConnectionError are OSErrors; they are named for the reader.
+MAIL_ERRORS = (smtplib.SMTPException, ConnectionError, TimeoutError, OSError)
 
 
-@shared_task
-def send_owed_email(owed_id):
-    return None
+class Outcome(StrEnum):
+    SENT = "sent"
+    SKIPPED = "skipped"  # not pending any more (sent, failed, gone) or being sent by another run
+    RETRY = "retry"  # this attempt failed; still pending
+    FAILED = "failed"  # given up: no recipient, or MAX_ATTEMPTS reached
 
 
-@shared_task
-def sweep_owed_emails():
-    return 0
+@dataclass(frozen=True)
+class Delivery:
+    outcome: Outcome
+    attempts: int = 0
+
+
+def retry_delay(attempts: int) -> timedelta:
+    """How long to wait after the ``attempts``-th failed attempt (exponential, capped)."""
+    return min(RETRY_BASE * 2 ** max(attempts - 1, 0), RETRY_CAP)
+
+
+def deliver(owed_id: int) -> Delivery:
+    """Send owed e-mail ``owed_id`` if it is still pending and nobody else is sending it.
+
+    The row stays locked from the check to the ``sent`` mark, and the mark commits with the
+    invoice's ``receipt_sent_at``. A failed attempt is recorded in the same transaction, which
+    then commits normally: the record of a failure is never rolled back with it.
+    """
+    with transaction.atomic():
+        owed = (
+            OwedEmail.objects.select_for_update(skip_locked=True, of=("self",))
+            .select_related("account", "invoice", "subscription")
+            .filter(pk=owed_id, status=OwedEmail.Status.PENDING)
+            .first()
+        )
+        if owed is None:
+            return Delivery(Outcome.SKIPPED)
+        try:
+            build_message(owed).send()
+        except NoRecipient as exc:
+            return _record_failure(owed, exc, give_up=True)
+        except DatabaseError:
+            raise  # the transaction is broken; the row stays pending and the sweep tries again
+        except MAIL_ERRORS as exc:
+            return _record_failure(owed, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug (a template, a missing row) counts as an attempt too
+            logger.exception("owed e-mail %s (%s) could not be built or sent", owed.pk, owed.kind)
+            return _record_failure(owed, exc)
+        _mark_sent(owed)
+    logger.info("owed e-mail %s (%s) sent", owed.pk, owed.kind)
+    return Delivery(Outcome.SENT, owed.attempts)
+
+
+def _mark_sent(owed: OwedEmail) -> None:
+    now = timezone.now()
+    owed.status = OwedEmail.Status.SENT
+    owed.sent_at = now
+    owed.attempts += 1
+    owed.last_error = ""
+    owed.save(update_fields=["status", "sent_at", "attempts", "last_error"])
+    if owed.kind == OwedEmail.Kind.RECEIPT and owed.invoice is not None:
+        invoice = owed.invoice
+        invoice.receipt_sent_at = now
+        invoice._change_reason = f"receipt sent (owed e-mail {owed.pk})"
+        invoice.save(update_fields=["receipt_sent_at", "updated_at"])
+
+
+def _record_failure(owed: OwedEmail, exc: Exception, *, give_up: bool = False) -> Delivery:
+    owed.attempts += 1
+    owed.last_error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+    give_up = give_up or owed.attempts >= MAX_ATTEMPTS
+    if give_up:
+        owed.status = OwedEmail.Status.FAILED
+    owed.save(update_fields=["attempts", "last_error", "status"])
+    if give_up:
+        logger.error(
+            "owed e-mail %s (%s) given up after %d attempt(s): %s",
+            owed.pk,
+            owed.kind,
+            owed.attempts,
+            type(exc).__name__,
+        )
+        return Delivery(Outcome.FAILED, owed.attempts)
+    logger.warning("owed e-mail %s (%s) attempt %d failed: %s", owed.pk, owed.kind, owed.attempts, type(exc).__name__)
+    return Delivery(Outcome.RETRY, owed.attempts)
+
+
+@shared_task(bind=True, max_retries=MAX_ATTEMPTS, ignore_result=True)
+def send_owed_email(self, owed_id: int) -> str:
+    """Send one owed e-mail (see ``deliver``); retry with backoff when a broker runs the task."""
+    delivery = deliver(owed_id)
+    if delivery.outcome == Outcome.RETRY and not (self.request.is_eager or self.request.called_directly):
+        raise self.retry(countdown=retry_delay(delivery.attempts).total_seconds())
+    return delivery.outcome.value
+
+
+def due_for_sweep(now=None):
+    """Pending e-mails whose next attempt is due, oldest first.
+
+    Never tried: older than ``BILLING_OUTBOX_SWEEP_AFTER`` (the on-commit task normally wins).
+    Tried ``n`` times: older than that plus the backoff of its ``n`` failures, so that without a
+    broker the sweep spaces the attempts out as the task's own retries would. The schedule is
+    counted from ``created_at``: the row has no time of its last attempt.
+    """
+    now = now or timezone.now()
+    wait = settings.BILLING_OUTBOX_SWEEP_AFTER
+    due = Q()
+    for attempts in range(MAX_ATTEMPTS):
+        due |= Q(attempts=attempts, created_at__lte=now - wait)
+        wait += retry_delay(attempts + 1)
+    due |= Q(attempts__gte=MAX_ATTEMPTS, created_at__lte=now - settings.BILLING_OUTBOX_SWEEP_AFTER)
+    return OwedEmail.objects.filter(due, status=OwedEmail.Status.PENDING).order_by("created_at", "pk")
+
+
+@shared_task(ignore_result=True)
+def sweep_owed_emails() -> int:
+    """Hand every due owed e-mail to delivery; the number handed over.
+
+    With a broker each row gets its own ``send_owed_email`` task (a slow mail server then does
+    not hold up the beat's worker); without one they are delivered here, one transaction each.
+    """
+    ids = list(due_for_sweep().values_list("pk", flat=True)[:SWEEP_BATCH])
+    inline = send_owed_email.app.conf.task_always_eager
+    for owed_id in ids:
+        if inline:
+            deliver(owed_id)
+        else:
+            send_owed_email.delay(owed_id)
+    if ids:
+        logger.info("owed e-mail sweep handed over %d e-mail(s)%s", len(ids), " inline" if inline else "")
+    return len(ids)

@@ -1,0 +1,422 @@
+"""Owed e-mails are sent after commit, exactly once, and never lost (``billing.outbox``, ``billing.tasks``).
+
+Mail goes through Django's locmem backend (``mailoutbox``); a mail server that fails is a
+small backend below that raises like ``smtplib`` does. Without ``CELERY_BROKER_URL`` the tests
+run as the web process does (tasks eager, after commit); the last tests start a real Celery
+worker on Redis (``TEST_REDIS_URL``) in a thread of this process, on the same test database.
+"""
+import os
+import smtplib
+import threading
+import time
+from datetime import datetime, timedelta
+
+import kombu.pools
+import pytest
+from celery.contrib.testing.worker import start_worker
+from django.conf import settings
+from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
+from django.db import connection, transaction
+from django.utils import timezone
+
+from billing.models import Invoice, OwedEmail
+from billing.outbox import owe_email
+from billing.simulation.objects import event_object, invoice_line_object, invoice_object
+from billing.tasks import (
+    MAX_ATTEMPTS,
+    Outcome,
+    deliver,
+    due_for_sweep,
+    retry_delay,
+    send_owed_email,
+    sweep_owed_emails,
+)
+from billing.tests.test_emails import make_account, make_invoice
+from config.celery import app as celery_app
+
+# Tests that need a real commit (on_commit, other threads) mark themselves transaction=True.
+pytestmark = pytest.mark.django_db
+
+RECEIPT = OwedEmail.Kind.RECEIPT
+FLAKY_BACKEND = f"{__name__}.FlakySMTPBackend"
+
+
+class FlakySMTPBackend(LocmemBackend):
+    """The locmem backend behind a mail server that drops the first ``failures`` connections."""
+
+    failures = 0
+
+    def send_messages(self, messages):
+        if FlakySMTPBackend.failures > 0:
+            FlakySMTPBackend.failures -= 1
+            raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+        return super().send_messages(messages)
+
+
+@pytest.fixture
+def flaky_mail(settings, mailoutbox):
+    """``flaky_mail(n)``: the next ``n`` sends fail; mail that gets through lands in ``mailoutbox``."""
+    settings.EMAIL_BACKEND = FLAKY_BACKEND
+
+    def fail_next(n: int) -> None:
+        FlakySMTPBackend.failures = n
+
+    yield fail_next
+    FlakySMTPBackend.failures = 0
+
+
+def owe_receipt(invoice: Invoice) -> OwedEmail | None:
+    """Owe ``invoice``'s receipt in a transaction of its own, as a webhook handler does."""
+    with transaction.atomic():
+        return owe_email(RECEIPT, key=f"receipt:{invoice.stripe_id}", account=invoice.account, invoice=invoice)
+
+
+def age(owed: OwedEmail, by: timedelta) -> None:
+    """Pretend ``owed`` was recorded ``by`` ago (its task lost, or its backoff elapsed)."""
+    OwedEmail.objects.filter(pk=owed.pk).update(created_at=timezone.now() - by)
+
+
+# --- After commit, exactly once ------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_receipt_is_sent_once_however_often_it_is_owed_or_sent(mailoutbox):
+    invoice = make_invoice(make_account())
+
+    first = owe_receipt(invoice)
+    assert first is not None
+    assert owe_receipt(invoice) is None  # invoice.paid delivered again
+    assert owe_receipt(invoice) is None
+
+    assert OwedEmail.objects.count() == 1
+    assert [m.subject for m in mailoutbox] == ["Receipt for invoice ACME-0001"]
+    first.refresh_from_db()
+    invoice.refresh_from_db()
+    assert (first.status, first.attempts, first.last_error) == (OwedEmail.Status.SENT, 1, "")
+    assert first.sent_at is not None
+    assert invoice.receipt_sent_at == first.sent_at
+
+    # The task again (a duplicate message, the admin's "send now"), the sweep much later: nothing.
+    assert send_owed_email.delay(first.pk).get() == Outcome.SKIPPED
+    assert deliver(first.pk).outcome == Outcome.SKIPPED
+    age(first, timedelta(days=1))
+    assert sweep_owed_emails() == 0
+    assert len(mailoutbox) == 1
+    first.refresh_from_db()
+    assert first.attempts == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_nothing_is_sent_before_the_commit(mailoutbox):
+    invoice = make_invoice(make_account())
+
+    with transaction.atomic():
+        owed = owe_email(RECEIPT, key="receipt:in_0001", account=invoice.account, invoice=invoice)
+        assert mailoutbox == []
+        OwedEmail.objects.filter(pk=owed.pk, status=OwedEmail.Status.PENDING).get()
+
+    assert len(mailoutbox) == 1
+    assert OwedEmail.objects.get().status == OwedEmail.Status.SENT
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_email_owed_by_a_rolled_back_change_is_never_sent(mailoutbox):
+    invoice = make_invoice(make_account())
+
+    class HandlerFailed(Exception):
+        pass
+
+    with pytest.raises(HandlerFailed), transaction.atomic():
+        owe_email(RECEIPT, key="receipt:in_0001", account=invoice.account, invoice=invoice)
+        raise HandlerFailed
+
+    # The inbox runs a handler in a savepoint: a failed handler's e-mails go with it.
+    with transaction.atomic():
+        with pytest.raises(HandlerFailed), transaction.atomic():
+            owe_email(RECEIPT, key="receipt:in_0001", account=invoice.account, invoice=invoice)
+            raise HandlerFailed
+
+    assert not OwedEmail.objects.exists()
+    assert sweep_owed_emails() == 0
+    assert mailoutbox == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_that_finds_the_email_locked_by_another_leaves_it_alone(mailoutbox):
+    invoice = make_invoice(make_account())
+    owed = OwedEmail.objects.create(key="receipt:in_0001", kind=RECEIPT, account=invoice.account, invoice=invoice)
+    locked, release = threading.Event(), threading.Event()
+
+    def another_run_holds_the_row():
+        try:
+            with transaction.atomic():
+                OwedEmail.objects.select_for_update().get(pk=owed.pk)
+                locked.set()
+                release.wait(10)
+        finally:
+            connection.close()  # this thread's own connection
+
+    other = threading.Thread(target=another_run_holds_the_row)
+    other.start()
+    try:
+        assert locked.wait(10)
+        started = time.monotonic()
+        assert deliver(owed.pk).outcome == Outcome.SKIPPED
+        assert time.monotonic() - started < 5  # skipped, not waited for
+        assert mailoutbox == []
+    finally:
+        release.set()
+        other.join(10)
+
+    assert deliver(owed.pk).outcome == Outcome.SENT
+    assert len(mailoutbox) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_three_deliveries_of_invoice_paid_send_one_receipt(post_event, mailoutbox):
+    created = int(timezone.now().timestamp()) - 60
+    line = invoice_line_object(
+        id="il_one_off", invoice="in_one_off", amount=4200, period_start=created, period_end=created
+    )
+    invoice = invoice_object(
+        id="in_one_off",
+        customer="cus_one_off",
+        status="paid",
+        billing_reason="manual",
+        lines=[line],
+        number="ONE-0001",
+        created=created,
+        finalized_at=created + 1,
+        paid_at=created + 2,
+        customer_email="payer@example.com",
+        attempt_count=1,
+    )
+    event = event_object(type="invoice.paid", obj=invoice, created=created + 2, id="evt_invoice_paid_one_off")
+
+    statuses = [post_event(event).json()["status"] for _ in range(3)]
+
+    assert statuses == ["processed", "duplicate", "duplicate"]
+    owed = OwedEmail.objects.get()
+    assert (owed.key, owed.status) == ("receipt:in_one_off", OwedEmail.Status.SENT)
+    assert len(mailoutbox) == 1
+    assert mailoutbox[0].subject == "Receipt for invoice ONE-0001"
+    assert mailoutbox[0].to == ["payer@example.com"]
+    assert "42.00 USD" in mailoutbox[0].body
+    assert Invoice.objects.get(stripe_id="in_one_off").receipt_sent_at == owed.sent_at
+
+
+# --- Never lost --------------------------------------------------------------------------
+
+
+def test_an_email_whose_task_was_lost_is_delivered_by_the_sweep(mailoutbox):
+    invoice = make_invoice(make_account())
+    # Committed, but its task never ran (broker down, process killed after the commit).
+    owed = OwedEmail.objects.create(key="receipt:in_0001", kind=RECEIPT, account=invoice.account, invoice=invoice)
+
+    assert sweep_owed_emails() == 0  # too fresh: its on-commit task normally wins
+    age(owed, settings.BILLING_OUTBOX_SWEEP_AFTER + timedelta(seconds=1))
+    assert sweep_owed_emails() == 1
+
+    owed.refresh_from_db()
+    assert (owed.status, owed.attempts) == (OwedEmail.Status.SENT, 1)
+    assert [m.subject for m in mailoutbox] == ["Receipt for invoice ACME-0001"]
+    assert sweep_owed_emails() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_mail_error_is_recorded_and_the_sweep_delivers_later(flaky_mail, mailoutbox):
+    flaky_mail(1)
+    invoice = make_invoice(make_account())
+
+    owed = owe_receipt(invoice)  # the task runs after commit, in this process, and fails
+
+    owed.refresh_from_db()
+    assert (owed.status, owed.attempts) == (OwedEmail.Status.PENDING, 1)  # not retried inline
+    assert owed.last_error == "SMTPServerDisconnected: Connection unexpectedly closed"
+    assert mailoutbox == []
+    assert Invoice.objects.get(pk=invoice.pk).receipt_sent_at is None
+
+    assert sweep_owed_emails() == 0  # still backing off
+    age(owed, settings.BILLING_OUTBOX_SWEEP_AFTER + retry_delay(1) + timedelta(seconds=1))
+    assert sweep_owed_emails() == 1
+
+    owed.refresh_from_db()
+    assert (owed.status, owed.attempts, owed.last_error) == (OwedEmail.Status.SENT, 2, "")
+    assert len(mailoutbox) == 1
+    assert Invoice.objects.get(pk=invoice.pk).receipt_sent_at == owed.sent_at
+
+
+def test_an_email_that_keeps_failing_is_given_up_after_the_maximum(flaky_mail, mailoutbox):
+    flaky_mail(10 * MAX_ATTEMPTS)
+    invoice = make_invoice(make_account())
+    owed = OwedEmail.objects.create(key="receipt:in_0001", kind=RECEIPT, account=invoice.account, invoice=invoice)
+    age(owed, timedelta(days=1))  # every backoff has elapsed
+
+    for attempt in range(1, MAX_ATTEMPTS):
+        assert sweep_owed_emails() == 1
+        owed.refresh_from_db()
+        assert (owed.status, owed.attempts) == (OwedEmail.Status.PENDING, attempt)
+    assert sweep_owed_emails() == 1
+
+    owed.refresh_from_db()
+    assert (owed.status, owed.attempts) == (OwedEmail.Status.FAILED, MAX_ATTEMPTS)
+    assert "SMTPServerDisconnected" in owed.last_error
+    assert sweep_owed_emails() == 0
+    assert deliver(owed.pk).outcome == Outcome.SKIPPED
+    assert mailoutbox == []
+
+
+def test_an_email_nobody_can_receive_fails_at_once(mailoutbox):
+    account = make_account()  # no billing e-mail, no owner or admin
+    invoice = make_invoice(account, customer_email="")
+    owed = OwedEmail.objects.create(key="receipt:in_0001", kind=RECEIPT, account=account, invoice=invoice)
+
+    assert deliver(owed.pk).outcome == Outcome.FAILED
+
+    owed.refresh_from_db()
+    assert (owed.status, owed.attempts) == (OwedEmail.Status.FAILED, 1)
+    assert owed.last_error.startswith("NoRecipient: account ")
+    age(owed, timedelta(days=1))
+    assert sweep_owed_emails() == 0
+    assert mailoutbox == []
+
+
+def test_the_sweep_backs_off_exponentially_up_to_ten_minutes():
+    assert [retry_delay(n) for n in range(1, 8)] == [
+        timedelta(minutes=m) for m in (1, 2, 4, 8, 10, 10, 10)
+    ]
+    invoice = make_invoice(make_account())
+    owed = OwedEmail.objects.create(
+        key="receipt:in_0001", kind=RECEIPT, account=invoice.account, invoice=invoice, attempts=2
+    )
+    due_at = owed.created_at + settings.BILLING_OUTBOX_SWEEP_AFTER + timedelta(minutes=1 + 2)
+
+    assert not due_for_sweep(now=due_at - timedelta(seconds=1)).exists()
+    assert list(due_for_sweep(now=due_at)) == [owed]
+
+
+# --- A real worker -----------------------------------------------------------------------
+
+
+def _drop_broker_connections(app) -> None:
+    """Forget the app's broker and result connections, so the next use follows its configuration."""
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
+    kombu.pools.reset()
+    app._backend_cache = None
+    app._local.__dict__.pop("backend", None)
+
+
+@pytest.fixture
+def redis_worker():
+    """The project's Celery app on Redis with a real worker, in a thread of this process.
+
+    The worker's thread opens its own connection to the same test database (Django's
+    connections are per thread; the test runner has already pointed the settings at the test
+    database), and Celery's Django fix-up closes it after every task. Tests using it need
+    ``django_db(transaction=True)``: the worker cannot see what a test's transaction has not
+    committed, and the fix-up also closes this thread's connection when the worker starts,
+    which would end the transaction a plain ``django_db`` test runs in.
+    """
+    import celery.contrib.testing.tasks  # noqa: F401 - registers celery.ping for start_worker's check
+
+    url = os.environ["TEST_REDIS_URL"]
+    on_redis = {
+        "broker_url": url,
+        "result_backend": url,
+        "task_always_eager": False,
+        "worker_hijack_root_logger": False,  # leave pytest's log capture alone
+    }
+    saved = {name: celery_app.conf[name] for name in on_redis}
+    celery_app.conf.update(on_redis)
+    _drop_broker_connections(celery_app)
+    try:
+        celery_app.control.purge()  # left over by an interrupted run
+        with start_worker(celery_app, loglevel="WARNING", shutdown_timeout=30) as worker:
+            yield worker
+        celery_app.control.purge()  # retries the worker still held go back to the queue when it stops
+    finally:
+        celery_app.conf.update(saved)
+        _drop_broker_connections(celery_app)
+
+
+def wait_until(condition, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def other_connections_to_this_database() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return cursor.fetchone()[0]
+
+
+def runs_of(task) -> int:
+    from celery.worker import state
+
+    return state.total_count.get(task.name, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_on_redis_sends_the_receipt(redis_worker, mailoutbox):
+    invoice = make_invoice(make_account())
+    runs_before = runs_of(send_owed_email)
+
+    owed = owe_receipt(invoice)
+
+    assert wait_until(lambda: OwedEmail.objects.filter(pk=owed.pk, status=OwedEmail.Status.SENT).exists())
+    assert wait_until(lambda: len(mailoutbox) == 1)
+    assert mailoutbox[0].subject == "Receipt for invoice ACME-0001"
+    assert runs_of(send_owed_email) == runs_before + 1  # the worker ran it, not this thread
+    assert Invoice.objects.get(pk=invoice.pk).receipt_sent_at is not None
+    # Its thread's database connection is closed after the task (Celery's Django fix-up), so
+    # nothing holds the test database when it is flushed and dropped.
+    assert wait_until(lambda: other_connections_to_this_database() == 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_a_broker_the_sweep_enqueues_what_is_owed(redis_worker, mailoutbox):
+    invoice = make_invoice(make_account())
+    owed = OwedEmail.objects.create(key="receipt:in_0001", kind=RECEIPT, account=invoice.account, invoice=invoice)
+    age(owed, timedelta(minutes=5))
+    runs_before = runs_of(send_owed_email)
+
+    assert sweep_owed_emails() == 1
+
+    assert wait_until(lambda: OwedEmail.objects.filter(pk=owed.pk, status=OwedEmail.Status.SENT).exists())
+    assert wait_until(lambda: len(mailoutbox) == 1)
+    assert runs_of(send_owed_email) == runs_before + 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_a_broker_a_failed_send_is_retried_with_backoff(redis_worker, flaky_mail, mailoutbox):
+    flaky_mail(1)
+    invoice = make_invoice(make_account())
+
+    owed = owe_receipt(invoice)
+
+    assert wait_until(lambda: OwedEmail.objects.filter(pk=owed.pk, attempts=1).exists())
+    owed.refresh_from_db()
+    assert owed.status == OwedEmail.Status.PENDING
+    assert owed.last_error.startswith("SMTPServerDisconnected")
+    # The worker holds the retry, due one backoff step after the failure.
+    scheduled = []
+    assert wait_until(lambda: scheduled.extend(_scheduled(send_owed_email)) or scheduled, timeout=10)
+    [retry] = scheduled
+    assert retry["request"]["args"] == [owed.pk]
+    eta = datetime.fromisoformat(retry["eta"])
+    assert timedelta(seconds=50) < eta - timezone.now() <= retry_delay(1)
+    assert mailoutbox == []
+
+
+def _scheduled(task) -> list[dict]:
+    replies = celery_app.control.inspect(timeout=1).scheduled() or {}
+    return [entry for entries in replies.values() for entry in entries if entry["request"]["name"] == task.name]
