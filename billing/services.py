@@ -545,7 +545,10 @@ def recompute_refunded(payment: Payment) -> None:
             payment.invoice = invoice
             payment.save(update_fields=["invoice", "updated_at"])
     if payment.invoice_id is None:
-        return  # kept until invoice_payment.paid (or the invoice) arrives; see recompute on mirror
+        # Kept until invoice_payment.paid or the invoice arrives; meanwhile ask Stripe (after commit).
+        if not payment.stripe_invoice_id and not payment.payment_intent_id.startswith("charge:"):
+            _ask_stripe_for_invoice(payment.payment_intent_id)
+        return
     invoice = Invoice.objects.select_for_update().get(pk=payment.invoice_id)
     total = 0
     for each in invoice.payments.all():
@@ -558,6 +561,17 @@ def recompute_refunded(payment: Payment) -> None:
         invoice.amount_refunded = total
         invoice._change_reason = "refund"
         invoice.save(update_fields=["amount_refunded", "updated_at"])
+
+
+def _ask_stripe_for_invoice(payment_intent_id: str) -> None:
+    from django.conf import settings
+    from django.db import transaction
+
+    if not settings.STRIPE_API_KEY:
+        return
+    from .tasks import resolve_payment_invoice
+
+    transaction.on_commit(lambda: resolve_payment_invoice.delay(payment_intent_id), robust=True)
 
 
 def attach_waiting_payments(invoice: Invoice) -> None:

@@ -183,3 +183,48 @@ def sweep_owed_emails() -> int:
     if ids:
         logger.info("owed e-mail sweep handed over %d e-mail(s)%s", len(ids), " inline" if inline else "")
     return len(ids)
+
+
+# --- Refunds whose invoice only Stripe knows ---------------------------------------------------
+
+
+@shared_task(
+    bind=True,
+    autoretry_for=(OSError,),
+    retry_backoff=True,
+    retry_backoff_max=600,
+    max_retries=6,
+    ignore_result=True,
+)
+def resolve_payment_invoice(self, payment_intent_id: str) -> str | None:
+    """Ask Stripe which invoice a refunded PaymentIntent paid, and count the refund on it.
+
+    Since API version 2025-03-31.basil a charge no longer names its invoice. Usually an
+    ``invoice_payment.paid`` event has told us already; when it has not (it was lost, or it
+    predates the endpoint's subscription to that event type), the InvoicePayments API answers.
+    Runs after the webhook's commit: handlers never call Stripe.
+    """
+    import stripe
+
+    from . import services, stripe_api
+    from .models import Payment
+
+    if not settings.STRIPE_API_KEY:
+        return None
+    try:
+        invoice_id = stripe_api.invoice_for_payment_intent(payment_intent_id)
+    except stripe.APIConnectionError as exc:
+        if settings.CELERY_TASK_ALWAYS_EAGER:
+            logger.warning("could not ask Stripe for the invoice of %s: %s", payment_intent_id, type(exc).__name__)
+            return None
+        raise self.retry(exc=exc)
+    if not invoice_id:
+        return None
+    with transaction.atomic():
+        payment = Payment.objects.select_for_update().filter(payment_intent_id=payment_intent_id).first()
+        if payment is None or payment.invoice_id is not None:
+            return invoice_id
+        payment.stripe_invoice_id = invoice_id
+        payment.save(update_fields=["stripe_invoice_id", "updated_at"])
+        services.recompute_refunded(payment)
+    return invoice_id

@@ -1,0 +1,103 @@
+"""Refunds find their invoice in the current API layout, in any order.
+
+Since 2025-03-31.basil a charge names no invoice: ``invoice_payment.paid`` ties the invoice to
+its PaymentIntent, and when that event is missing the InvoicePayments API is asked (here a
+local server in Stripe's shape, called for real by stripe-python).
+"""
+import itertools
+
+import pytest
+
+from billing.models import Invoice, Payment, Refund
+from billing.simulation.objects import (
+    charge_object,
+    event_object,
+    invoice_line_object,
+    invoice_object,
+    invoice_payment_object,
+    refund_object,
+    setup_intent_object,
+)
+from billing.tests.conftest import T0
+from billing.tests.stripe_server import FakeStripe
+from provisioning.models import Account
+
+pytestmark = pytest.mark.django_db
+
+CUS, INV, PI, CH = "cus_ref", "in_ref", "pi_ref", "ch_ref"
+
+
+def paid_invoice():
+    line = invoice_line_object(id="il_ref", invoice=INV, amount=9000, period_start=T0, period_end=T0)
+    obj = invoice_object(id=INV, customer=CUS, status="paid", billing_reason="manual", lines=[line], number="R-1",
+                         created=T0, finalized_at=T0 + 1, paid_at=T0 + 2, customer_email="r@example.com")
+    return event_object(type="invoice.paid", obj=obj, created=T0 + 2)
+
+
+def invoice_paid_by_intent():
+    obj = invoice_payment_object(id="inpay_ref", invoice=INV, payment_intent=PI, amount_paid=9000, created=T0 + 2)
+    return event_object(type="invoice_payment.paid", obj=obj, created=T0 + 2)
+
+
+def charge_refunded(amount_refunded, created):
+    obj = charge_object(id=CH, customer=CUS, payment_intent=PI, amount=9000, amount_refunded=amount_refunded, created=T0)
+    return event_object(type="charge.refunded", obj=obj, created=created)
+
+
+def refund_created(refund_id, amount, created, status="succeeded"):
+    obj = refund_object(id=refund_id, charge=CH, payment_intent=PI, amount=amount, created=created, status=status)
+    return event_object(type="refund.created", obj=obj, created=created)
+
+
+STORY = [
+    paid_invoice(),
+    invoice_paid_by_intent(),
+    charge_refunded(2500, T0 + 100),
+    refund_created("re_1", 2500, T0 + 100),
+    charge_refunded(4000, T0 + 200),
+    refund_created("re_2", 1500, T0 + 200),
+]
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(len(STORY))))[::37])
+def test_refunded_amount_reaches_the_invoice_in_any_order(post_event, order):
+    for index in order:
+        assert post_event(STORY[index]).status_code == 200
+    assert Invoice.objects.get(stripe_id=INV).amount_refunded == 4000
+    assert Payment.objects.get(payment_intent_id=PI).invoice.stripe_id == INV
+    assert sorted(Refund.objects.values_list("stripe_id", "amount")) == [("re_1", 2500), ("re_2", 1500)]
+
+
+def test_a_failed_refund_is_not_counted(post_event):
+    post_event(paid_invoice())
+    post_event(invoice_paid_by_intent())
+    post_event(refund_created("re_f", 3000, T0 + 100))
+    post_event(event_object(type="refund.failed", obj=refund_object(id="re_f", charge=CH, payment_intent=PI,
+                                                                     amount=3000, created=T0 + 100, status="failed"),
+                            created=T0 + 300))
+    assert Invoice.objects.get(stripe_id=INV).amount_refunded == 0
+
+
+def test_without_invoice_payment_event_the_invoice_payments_api_resolves_it(
+    post_event, settings, django_capture_on_commit_callbacks
+):
+    with FakeStripe() as stripe_api:
+        settings.STRIPE_API_KEY, settings.STRIPE_API_BASE = stripe_api.api_key, stripe_api.url
+        stripe_api.invoice_payments = [{"id": "inpay_ref", "object": "invoice_payment", "invoice": INV,
+                                        "payment": {"type": "payment_intent", "payment_intent": PI}, "status": "paid"}]
+        assert post_event(paid_invoice()).status_code == 200
+        with django_capture_on_commit_callbacks(execute=True):  # the task runs after the commit
+            assert post_event(charge_refunded(2500, T0 + 100)).status_code == 200
+        assert Invoice.objects.get(stripe_id=INV).amount_refunded == 2500
+        assert any(path == "/v1/invoice_payments" for path, _ in stripe_api.requests)
+
+
+def test_setup_intent_succeeded_puts_a_payment_method_on_file(post_event):
+    obj = setup_intent_object(id="seti_1", customer=CUS, payment_method="pm_card", created=T0)
+    assert post_event(event_object(type="setup_intent.succeeded", obj=obj, created=T0)).status_code == 200
+    account = Account.objects.get(stripe_customer_id=CUS)
+    assert account.has_payment_method and account.default_payment_method_id == "pm_card"
+    older = setup_intent_object(id="seti_0", customer=CUS, payment_method="pm_old", created=T0 - 50)
+    assert post_event(event_object(type="setup_intent.succeeded", obj=older, created=T0 - 50)).status_code == 200
+    account.refresh_from_db()
+    assert account.default_payment_method_id == "pm_card"
