@@ -35,8 +35,9 @@ def handles(*event_types: str) -> Callable[[Handler], Handler]:
     """Register the decorated function as the handler of ``event_types``."""
 
     def decorator(func: Handler) -> Handler:
-        register(f"{func.__module__}:{func.__qualname__}", *event_types)
-        _resolved[f"{func.__module__}:{func.__qualname__}"] = func
+        path = f"{func.__module__}:{func.__qualname__}"
+        register(path, *event_types)
+        _resolved[path] = func
         return func
 
     return decorator
@@ -44,10 +45,11 @@ def handles(*event_types: str) -> Callable[[Handler], Handler]:
 
 def register(path: str, *event_types: str) -> None:
     """Register a handler by dotted path ("package.module:function")."""
-    for event_type in event_types:
+    for event_type in event_types:  # check every type first: a refused call registers nothing
         existing = _registry.get(event_type)
         if existing and existing != path:
             raise RegistryError(f"{event_type} already has a handler: {existing}")
+    for event_type in event_types:
         _registry[event_type] = path
 
 

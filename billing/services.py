@@ -72,7 +72,6 @@ def _save_changes(row, values: dict, event: Event, reason: str) -> bool:
 def mirror_subscription(event: Event) -> tuple[Subscription, bool]:
     """Mirror the subscription snapshot of ``event``; (row, whether the snapshot was applied)."""
     snap = read_subscription(event.obj)
-    account = account_for(snap.customer)
     values = {
         "status": snap.status,
         "quantity": snap.quantity,
@@ -87,7 +86,12 @@ def mirror_subscription(event: Event) -> tuple[Subscription, bool]:
         "ended_at": snap.ended_at,
         "stripe_created": snap.created,
     }
-    sub = Subscription.objects.select_for_update().filter(stripe_id=snap.stripe_id).first()
+    sub = _subscription_with_locked_account(snap.stripe_id, snap.customer.customer_id)
+    if sub is not None:
+        provisioning.learn_customer_details(sub.account, snap.customer.name, snap.customer.email)
+    else:
+        account = account_for(snap.customer)
+        sub = Subscription.objects.filter(stripe_id=snap.stripe_id).first()
     if sub is None:
         sub = Subscription(stripe_id=snap.stripe_id, account=account, **values)
         sub.last_event_created, sub.last_event_id = event.created, event.id
@@ -97,16 +101,39 @@ def mirror_subscription(event: Event) -> tuple[Subscription, bool]:
         Invoice.objects.filter(stripe_subscription_id=sub.stripe_id, subscription__isnull=True).update(
             subscription=sub
         )
-        applied = True
-    elif _subscription_snapshot_is_stale(sub, event, snap.status):
-        applied = False
-    else:
-        _save_changes(sub, values, event, event.type)
-        applied = True
-    _apply_period_seats(sub, snap.current_period_start, snap.quantity, newest=applied)
-    if applied:
+        _apply_period_seats(sub, snap.current_period_start, snap.quantity, newest=True)
         sync_subscription(sub)
-    return sub, applied
+        return sub, True
+    if _subscription_snapshot_is_stale(sub, event, snap.status):
+        _apply_period_seats(sub, snap.current_period_start, snap.quantity, newest=False)
+        return sub, False
+    before = {name: getattr(sub, name) for name in _SYNC_INPUTS}
+    _save_changes(sub, values, event, event.type)
+    changed = {name for name in _SYNC_INPUTS if getattr(sub, name) != before[name]}
+    # Entitlements only move when what they are derived from moved (the hot path skips both).
+    if changed & {"quantity", "current_period_start"}:
+        _apply_period_seats(sub, snap.current_period_start, snap.quantity, newest=True)
+    if changed & {"trial_start", "trial_end", "ended_at"}:
+        sync_subscription(sub)
+    return sub, True
+
+
+# The fields of a subscription that its entitlements and renewals are derived from.
+_SYNC_INPUTS = ("quantity", "current_period_start", "trial_start", "trial_end", "ended_at")
+
+
+def _subscription_with_locked_account(stripe_id: str, customer_id: str) -> Subscription | None:
+    """A known subscription, its account locked, in one round trip (the hot path of updates).
+
+    Every writer of a customer's rows locks the account first, so the account's lock is what
+    serialises them; the subscription row itself needs no lock of its own.
+    """
+    return (
+        Subscription.objects.select_related("account")
+        .select_for_update(of=("account",))
+        .filter(stripe_id=stripe_id, account__stripe_customer_id=customer_id)
+        .first()
+    )
 
 
 def _subscription_snapshot_is_stale(sub: Subscription, event: Event, status: str) -> bool:

@@ -77,6 +77,9 @@ class Event:
         )
 
 
+_LAST_UNIX_SECOND = 253402300799  # 9999-12-31T23:59:59Z, the last instant a datetime can hold
+
+
 def envelope_problem(payload: Any) -> str | None:
     """Why a parsed body is not a Stripe event envelope, or None if it is one."""
     if not isinstance(payload, dict):
@@ -87,8 +90,12 @@ def envelope_problem(payload: Any) -> str | None:
     if len(payload["id"]) > 255 or len(payload["type"]) > 255:
         return "the event id or type is too long"
     created = payload.get("created")
-    if not isinstance(created, int) or isinstance(created, bool):
+    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created <= _LAST_UNIX_SECOND:
         return "the event's created is not a unix timestamp"
+    if not isinstance(payload.get("api_version"), (str, type(None))):
+        return "the event's api_version is not a string"
+    if not isinstance(payload.get("livemode", False), bool):
+        return "the event's livemode is not a boolean"
     data = payload.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
         return "the event has no data.object"

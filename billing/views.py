@@ -10,7 +10,7 @@ import logging
 
 import stripe
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, DataError
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
@@ -78,6 +78,10 @@ def stripe_webhook(request):
 
     try:
         outcome = inbox.receive(event, payload)
+    except DataError:
+        # A value PostgreSQL cannot hold (\u0000 in a string, NaN): the same body would fail
+        # on every retry, so it is bad input, not an outage. Nothing was stored.
+        return _reject(400, "the event contains values that cannot be stored")
     except DatabaseError:
         # The database itself failed (not a handler): nothing was stored; Stripe will retry.
         logger.exception("stripe event %s could not be stored", event["id"])

@@ -23,7 +23,7 @@ def lock_account_for_customer(customer_id: str, *, name: str = "", email: str = 
     """
     account = Account.objects.select_for_update().filter(stripe_customer_id=customer_id).first()
     if account is not None:
-        _learn_customer_details(account, name, email)
+        learn_customer_details(account, name, email)
         return account
     try:
         with transaction.atomic():
@@ -35,7 +35,7 @@ def lock_account_for_customer(customer_id: str, *, name: str = "", email: str = 
         return Account.objects.select_for_update().get(stripe_customer_id=customer_id)
 
 
-def _learn_customer_details(account: Account, name: str, email: str) -> None:
+def learn_customer_details(account: Account, name: str, email: str) -> None:
     """Fill in what an account created from a bare customer id did not know yet.
 
     A name that is only a placeholder (the customer id, or the e-mail) gives way to the real
