@@ -1,0 +1,211 @@
+"""Exactly once under concurrency: many simultaneous deliveries are applied once.
+
+Stripe may deliver one event several times at once (a retry racing a slow first attempt, or
+several endpoint workers). These tests start a real HTTP server (pytest-django's
+``live_server``, threaded, one database connection per request), and post from 24 threads
+released together by a barrier, each on its own HTTP connection.
+The database is committed for real (``transaction=True``): the race is the race PostgreSQL sees.
+"""
+import http.client
+import json
+import threading
+import urllib.parse
+from collections import Counter
+from datetime import datetime, timezone
+
+import pytest
+from django.core import mail
+
+from billing.models import Invoice, OwedEmail, Renewal, StripeEvent, Subscription
+from billing.simulation.objects import event_object, invoice_line_object, invoice_object
+from provisioning.models import Account, Entitlement
+
+from .conftest import (
+    DAY,
+    T0,
+    WEBHOOK_URL,
+    active_subscription,
+    body_of,
+    first_invoice_paid_event,
+    sign,
+    subscription_event,
+    trial_subscription,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+DELIVERIES = 24
+
+
+def post_all_at_once(url: str, payloads: list[dict]) -> list[tuple[int, dict]]:
+    """POST every payload (signed) from its own thread and connection, all released at once.
+
+    The connections are opened one by one before the threads start: the test server's listen
+    backlog is small (10), and 24 simultaneous connects would test the kernel, not the app.
+    Once connected, every thread waits at the barrier and sends its request at the same instant.
+    """
+    target = urllib.parse.urlsplit(url)
+    connections = [http.client.HTTPConnection(target.hostname, target.port, timeout=120) for _ in payloads]
+    for connection in connections:
+        connection.connect()
+    barrier = threading.Barrier(len(payloads))
+    answers: list[tuple[int, dict] | BaseException | None] = [None] * len(payloads)
+
+    def post(index: int, payload: dict) -> None:
+        body = body_of(payload)
+        headers = {"Content-Type": "application/json", "Stripe-Signature": sign(body)}
+        connection = connections[index]
+        try:
+            barrier.wait(timeout=30)
+            connection.request("POST", target.path, body=body.encode(), headers=headers)
+            response = connection.getresponse()
+            answers[index] = (response.status, json.loads(response.read() or b"{}"))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            answers[index] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=post, args=(i, p)) for i, p in enumerate(payloads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    failures = [a for a in answers if not isinstance(a, tuple)]
+    assert not failures, failures
+    return answers  # type: ignore[return-value]
+
+
+@pytest.fixture
+def webhook_url(live_server, webhook_settings):
+    return live_server.url + WEBHOOK_URL
+
+
+def trial_will_end_event(sub_id: str, customer: str) -> dict:
+    return subscription_event(
+        "customer.subscription.trial_will_end",
+        trial_subscription(sub_id, customer),
+        created=T0 + 11 * DAY,
+        event_id=f"evt_twe_{sub_id}",
+    )
+
+
+def test_concurrent_deliveries_of_one_event_are_applied_once(webhook_url):
+    created = subscription_event(
+        "customer.subscription.created",
+        trial_subscription("sub_race", "cus_race_new"),
+        created=T0,
+        event_id="evt_race_created",
+    )
+
+    answers = post_all_at_once(webhook_url, [created] * DELIVERIES)
+
+    assert [status for status, _ in answers] == [200] * DELIVERIES
+    assert Counter(body["status"] for _, body in answers) == {"processed": 1, "duplicate": DELIVERIES - 1}
+    event = StripeEvent.objects.get()
+    assert (event.id, event.status, event.attempts) == ("evt_race_created", "processed", 1)
+    assert list(Account.objects.values_list("stripe_customer_id", flat=True)) == ["cus_race_new"]
+    assert list(Subscription.objects.values_list("stripe_id", flat=True)) == ["sub_race"]
+    assert list(Entitlement.objects.values_list("kind", flat=True)) == [Entitlement.Kind.TRIAL]
+    assert Renewal.objects.count() == 1
+    assert Subscription.history.count() == 1  # one write, one history row
+
+
+def test_concurrent_deliveries_of_an_event_that_owes_an_email_send_it_once(webhook_url):
+    # The customer's account exists already (its checkout linked it) and has a billing e-mail.
+    Account.objects.create(name="Raced Ltd", stripe_customer_id="cus_race_mail", billing_email="owner@raced.example")
+    reminder = trial_will_end_event("sub_race_mail", "cus_race_mail")
+
+    answers = post_all_at_once(webhook_url, [reminder] * DELIVERIES)
+
+    assert [status for status, _ in answers] == [200] * DELIVERIES
+    assert Counter(body["status"] for _, body in answers) == {"processed": 1, "duplicate": DELIVERIES - 1}
+    assert StripeEvent.objects.get().attempts == 1
+    assert Account.objects.count() == 1
+    assert Subscription.objects.count() == 1
+    assert Entitlement.objects.count() == 1
+    owed = OwedEmail.objects.get()
+    assert (owed.kind, owed.status) == (OwedEmail.Kind.TRIAL_WILL_END, OwedEmail.Status.SENT)
+    # The live server runs in this process with the locmem backend: its outbox is this one.
+    trial_end = datetime.fromtimestamp(T0 + 14 * DAY, tz=timezone.utc)
+    assert [(m.subject, m.to) for m in mail.outbox] == [
+        (f"Your trial ends on {trial_end:%B} {trial_end.day}, {trial_end.year}", ["owner@raced.example"])
+    ]
+
+
+def trial_invoice_created(sub_id: str, customer: str) -> dict:
+    """The $0 first invoice of a trial, as ``invoice.created`` sends it (a draft)."""
+    invoice_id = f"in_trial_{sub_id}"
+    line = invoice_line_object(
+        id=f"il_{invoice_id}",
+        invoice=invoice_id,
+        amount=0,
+        period_start=T0,
+        period_end=T0 + 14 * DAY,
+        subscription=sub_id,
+        description="Trial period for Standard",
+    )
+    invoice = invoice_object(
+        id=invoice_id,
+        customer=customer,
+        status="draft",
+        billing_reason="subscription_create",
+        lines=[line],
+        subscription=sub_id,
+        created=T0 + 1,
+        customer_email="founder@new.example",
+    )
+    return event_object(type="invoice.created", obj=invoice, created=T0 + 1, id=f"evt_ic_{sub_id}")
+
+
+def test_concurrent_different_events_of_a_new_customer_make_one_account(webhook_url):
+    """Three events of a customer never seen before race to create its account."""
+    sub_id, customer = "sub_race_many", "cus_race_many"
+    created = subscription_event(
+        "customer.subscription.created", trial_subscription(sub_id, customer), created=T0, event_id="evt_rm_created"
+    )
+    events = [created, trial_invoice_created(sub_id, customer), trial_will_end_event(sub_id, customer)]
+    payloads = [events[i % len(events)] for i in range(DELIVERIES)]
+
+    answers = post_all_at_once(webhook_url, payloads)
+
+    assert [status for status, _ in answers] == [200] * DELIVERIES
+    per_event = Counter((body["id"], body["status"]) for _, body in answers)
+    for event in events:
+        assert per_event[(event["id"], "processed")] == 1
+        assert per_event[(event["id"], "duplicate")] == DELIVERIES // len(events) - 1
+    assert list(StripeEvent.objects.order_by("id").values_list("status", "attempts")) == [("processed", 1)] * 3
+    assert list(Account.objects.values_list("stripe_customer_id", flat=True)) == [customer]
+    subscription = Subscription.objects.get()
+    assert subscription.account.stripe_customer_id == customer
+    assert Invoice.objects.get().subscription == subscription  # linked whichever came first
+    assert Entitlement.objects.count() == 1
+    assert OwedEmail.objects.count() == 1
+
+
+def test_concurrent_deliveries_of_a_failing_event_apply_nothing_and_count_every_attempt(webhook_url):
+    """``invoice.paid`` before its subscription: every racing delivery fails whole, none half-applies."""
+    paid = first_invoice_paid_event(
+        "in_race_early", sub_id="sub_race_late", customer="cus_race_late", start=T0, end=T0 + 30 * DAY, created=T0 + 60
+    )
+
+    answers = post_all_at_once(webhook_url, [paid] * DELIVERIES)
+
+    assert Counter(status for status, _ in answers) == {500: DELIVERIES}
+    event = StripeEvent.objects.get()
+    assert (event.status, event.attempts) == (StripeEvent.Status.FAILED, DELIVERIES)
+    assert "not known yet" in event.last_error
+    assert (Account.objects.count(), Invoice.objects.count(), OwedEmail.objects.count()) == (0, 0, 0)
+
+    created = subscription_event(
+        "customer.subscription.created", active_subscription("sub_race_late", "cus_race_late"), created=T0
+    )
+    assert post_all_at_once(webhook_url, [created])[0][0] == 200
+    retries = post_all_at_once(webhook_url, [paid] * DELIVERIES)  # Stripe's retries, racing again
+
+    assert [status for status, _ in retries] == [200] * DELIVERIES
+    assert Counter(body["status"] for _, body in retries) == {"processed": 1, "duplicate": DELIVERIES - 1}
+    event.refresh_from_db()
+    assert (event.status, event.attempts) == (StripeEvent.Status.PROCESSED, DELIVERIES + 1)
+    assert Entitlement.objects.filter(kind=Entitlement.Kind.PAID).count() == 1
+    assert list(OwedEmail.objects.values_list("key", flat=True)) == ["receipt:in_race_early"]
+    assert len(mail.outbox) == 1
