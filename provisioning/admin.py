@@ -5,7 +5,6 @@ it (customer, subscription, invoice). Its Stripe-owned fields and its entitlemen
 webhook handlers write them (see ``billing.admin`` for why).
 """
 from django.contrib import admin
-from django.db.models import Case, IntegerField, OuterRef, Subquery, Value, When
 from django.utils import timezone
 from simple_history.admin import SimpleHistoryAdmin
 
@@ -13,6 +12,7 @@ from billing.admin import ReadOnlyInline, StripeMirrorAdmin, WebhookOwnedAdminMi
 from billing.models import Subscription
 
 from .models import Account, Entitlement, Membership
+from .selectors import with_current_entitlement
 
 
 class MembershipInline(admin.TabularInline):
@@ -32,24 +32,6 @@ class EntitlementInline(ReadOnlyInline):
 class SubscriptionInline(ReadOnlyInline):
     model = Subscription
     fields = ("stripe_id", "status", "quantity", "current_period_end", "trial_end", "cancel_at_period_end")
-
-
-def annotate_current_entitlement(accounts, now):
-    """Annotate each account with the entitlement in force at ``now``.
-
-    Same rule as ``provisioning.selectors.current_entitlement`` (paid before trial, then most
-    seats, then latest start), written as correlated subqueries so that a list of accounts costs
-    one query, not one per row. Adds ``current_kind``, ``current_seats`` and ``current_until``.
-    """
-    paid_first = Case(When(kind=Entitlement.Kind.PAID, then=Value(0)), default=Value(1), output_field=IntegerField())
-    in_force = Entitlement.objects.filter(account=OuterRef("pk"), starts_at__lte=now, expires_at__gt=now).order_by(
-        paid_first, "-seats", "-starts_at"
-    )
-    return accounts.annotate(
-        current_kind=Subquery(in_force.values("kind")[:1]),
-        current_seats=Subquery(in_force.values("seats")[:1]),
-        current_until=Subquery(in_force.values("expires_at")[:1]),
-    )
 
 
 @admin.register(Account)
@@ -77,7 +59,7 @@ class AccountAdmin(StripeMirrorAdmin):
     inlines = (MembershipInline, EntitlementInline, SubscriptionInline)
 
     def get_queryset(self, request):
-        return annotate_current_entitlement(super().get_queryset(request), timezone.now())
+        return with_current_entitlement(super().get_queryset(request), timezone.now())
 
     @admin.display(description="current entitlement", ordering="current_until")
     def current_entitlement(self, account):
