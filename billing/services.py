@@ -128,12 +128,14 @@ def _subscription_with_locked_account(stripe_id: str, customer_id: str) -> Subsc
     Every writer of a customer's rows locks the account first, so the account's lock is what
     serialises them; the subscription row itself needs no lock of its own.
     """
-    return (
-        Subscription.objects.select_related("account")
-        .select_for_update(of=("account",))
-        .filter(stripe_id=stripe_id, account__stripe_customer_id=customer_id)
-        .first()
-    )
+    try:
+        return (
+            Subscription.objects.select_related("account")
+            .select_for_update(of=("account",))
+            .get(stripe_id=stripe_id, account__stripe_customer_id=customer_id)
+        )
+    except Subscription.DoesNotExist:
+        return None
 
 
 def _subscription_snapshot_is_stale(sub: Subscription, event: Event, status: str) -> bool:

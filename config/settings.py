@@ -72,6 +72,12 @@ DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DJANGO_CONN_MAX_AGE", d
 # first webhook of each worker answers 503 (Stripe retries it) and the broken connection is
 # dropped at the end of that request.
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", env.bool("DJANGO_CONN_HEALTH_CHECKS", default=False))
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Server-side binding lets psycopg prepare the statements every event repeats (after
+    # ``prepare_threshold`` uses), so PostgreSQL parses and plans them once per connection.
+    DATABASES["default"].setdefault("OPTIONS", {})
+    DATABASES["default"]["OPTIONS"].setdefault("server_side_binding", env.bool("DJANGO_DB_SERVER_SIDE_BINDING", default=True))
+    DATABASES["default"]["OPTIONS"].setdefault("prepare_threshold", env.int("DJANGO_DB_PREPARE_THRESHOLD", default=5))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
