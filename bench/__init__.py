@@ -24,7 +24,7 @@ BENCHMARKS = {
     "tune": "bench.tune",
     "backfill": "bench.backfill:main",  # not HTTP; its own command (python -m bench.backfill)
 }
-DEFAULT_BENCHMARKS = ("webhook", "mix")
+DEFAULT_BENCHMARKS = ("webhook", "mix", "backfill")
 
 # The endpoint secret that the benchmark server trusts and the load generator signs with.
 WEBHOOK_SECRET = "whsec_bench_0123456789abcdef"

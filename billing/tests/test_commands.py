@@ -167,3 +167,13 @@ def test_reprocess_applies_failed_events_once_their_prerequisite_exists(client, 
 def test_reprocess_rejects_unknown_ids():
     with pytest.raises(CommandError, match="unknown event id"):
         call_command("reprocess_stripe_events", "--id", "evt_nope", stdout=io.StringIO())
+
+
+@pytest.mark.django_db
+def test_reprocess_since_takes_a_date_or_datetime_and_rejects_garbage():
+    out = io.StringIO()
+    call_command("reprocess_stripe_events", "--since", "2020-01-01", "--dry-run", stdout=out)
+    call_command("reprocess_stripe_events", "--since", "2020-01-01T10:00:00", "--dry-run", stdout=out)
+    assert "0 event(s) would be re-processed" in out.getvalue()
+    with pytest.raises(CommandError, match="is not a date"):
+        call_command("reprocess_stripe_events", "--since", "yesterday-ish", stdout=io.StringIO())

@@ -18,7 +18,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from billing import inbox, stripe_api
-from billing.management.commands.reprocess_stripe_events import parse_since
+from billing.management.options import parse_since
 from billing.models import StripeEvent
 from billing.progress import Progress
 from billing.stripe_payloads import envelope_problem

@@ -11,23 +11,11 @@ as a webhook delivery: a processed event is never applied twice.
 from collections import Counter
 
 from django.core.management.base import BaseCommand, CommandError
-from django.utils.dateparse import parse_date, parse_datetime
-from django.utils import timezone
-from datetime import datetime, time
 
 from billing import inbox
+from billing.management.options import parse_since
 from billing.models import StripeEvent
 from billing.progress import Progress
-
-
-def parse_since(value: str) -> datetime:
-    moment = parse_datetime(value)
-    if moment is None:
-        day = parse_date(value)
-        if day is None:
-            raise CommandError(f"--since: {value!r} is not a date (YYYY-MM-DD) or datetime")
-        moment = datetime.combine(day, time.min)
-    return moment if timezone.is_aware(moment) else timezone.make_aware(moment, timezone.utc)
 
 
 class Command(BaseCommand):
