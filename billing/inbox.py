@@ -108,7 +108,7 @@ def _apply(event: Event, path: str, raw_body: str | None) -> Outcome:
                     return Outcome(event.id, DUPLICATE)
                 handler_ran = True
                 registry.resolve(path)(event)
-                _finish(event.id, Status.PROCESSED, "")
+                _mark_processed(event.id)
     except Exception as exc:  # noqa: BLE001 - every handler failure is recorded, then answered 500
         if not handler_ran:
             raise  # the inbox itself failed (database down): nothing stored, the view answers 503
@@ -182,12 +182,13 @@ def _lock(event_id: str) -> str:
         return cursor.fetchone()[0]
 
 
-def _finish(event_id: str, status: str, error: str) -> None:
+def _mark_processed(event_id: str) -> None:
+    """A retried (failed or received) event that has now been applied."""
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {_TABLE} SET status = %s, attempts = attempts + 1, last_error = %s, processed_at = %s"
+            f"UPDATE {_TABLE} SET status = %s, attempts = attempts + 1, last_error = '', processed_at = %s"
             f" WHERE id = %s",
-            [status, error, timezone.now() if status == Status.PROCESSED else None, event_id],
+            [Status.PROCESSED, timezone.now(), event_id],
         )
 
 

@@ -431,9 +431,8 @@ def settle_paid_invoice(invoice: Invoice) -> None:
         elif invoice.billing_reason == "subscription_create":
             _grant_paid_period(sub, invoice)  # the first invoice has no renewal before it
         else:
+            # A renewal created here is linked to this (already mirrored) invoice by ensure_renewal.
             renewal = link_invoice_to_renewal(invoice) or ensure_renewal(sub, invoice.period_start)
-            if renewal.stripe_invoice_id is None:
-                link_invoice_to_renewal(invoice)
             process_renewal(renewal, invoice)
     if invoice.total > 0:
         owe_email(OwedEmail.Kind.RECEIPT, key=f"receipt:{invoice.stripe_id}", account=invoice.account, invoice=invoice)

@@ -37,7 +37,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from .emails import NoRecipient, build_message
-from .models import Invoice, OwedEmail
+from .models import OwedEmail
 
 logger = logging.getLogger(__name__)
 
