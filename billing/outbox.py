@@ -14,7 +14,7 @@ import logging
 import threading
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import transaction
 
 from .models import OwedEmail
 
@@ -23,14 +23,21 @@ logger = logging.getLogger(__name__)
 
 def owe_email(kind: str, *, key: str, account, invoice=None, subscription=None) -> OwedEmail | None:
     """Record that ``kind`` is owed (once per ``key``); send it after commit. None if already owed."""
-    try:
-        with transaction.atomic():
-            owed = OwedEmail.objects.create(
-                key=key, kind=kind, account=account, invoice=invoice, subscription=subscription
-            )
-    except IntegrityError:
-        return None
+    from . import sql
     from .tasks import send_owed_email
+
+    owed = sql.table(OwedEmail).insert(
+        {
+            "key": key,
+            "kind": kind,
+            "account_id": account.pk,
+            "invoice_id": invoice.pk if invoice is not None else None,
+            "subscription_id": subscription.pk if subscription is not None else None,
+        },
+        on_conflict=["key"],
+    )
+    if owed is None:
+        return None  # owed already: a duplicate delivery, or a concurrent one that committed first
 
     transaction.on_commit(lambda: send_owed_email.delay(owed.pk), robust=True)
     return owed

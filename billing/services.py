@@ -11,20 +11,25 @@ is written so that its end state depends on *what* has been delivered, not on th
 * the seats of a period come from the newest subscription snapshot *of that period*, even
   when that snapshot arrived after a newer one (it is read back from the inbox).
 
-Locks are taken in one order: account, then subscription, then invoice, then renewals.
+Locks are taken in one order: account, then subscription, then invoice, then renewals. Every
+writer of a customer's subscriptions, invoices and renewals holds its account's lock, which is
+what serialises them.
+
+Reads and writes go through ``billing.sql`` (hand-written statements, history rows written in
+the same statement) rather than the ORM: this is the webhook's hot path, and the ORM's
+per-statement cost was most of what a webhook cost (docs/decisions/0005-webhook-hot-path-sql.rst).
+The rare paths (checkout linking and account merges) keep the ORM.
 """
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime
-
-from django.db.models import Q
-from simple_history.utils import bulk_create_with_history
 
 from provisioning import services as provisioning
 from provisioning.models import Account, Entitlement
 
-from . import matching
+from . import matching, sql
 from .inbox import PrerequisiteMissing
 from .models import Invoice, InvoiceLineItem, OwedEmail, Payment, Refund, Renewal, StripeEvent, Subscription
 from .outbox import owe_email
@@ -44,6 +49,10 @@ from .stripe_payloads import (
 logger = logging.getLogger(__name__)
 
 
+def _t(model) -> sql.Table:
+    return sql.table(model)
+
+
 def account_for(customer: CustomerRef) -> Account:
     return provisioning.lock_account_for_customer(customer.customer_id, name=customer.name, email=customer.email)
 
@@ -53,16 +62,22 @@ def _older_than_stored(row, event: Event) -> bool:
 
 
 def _save_changes(row, values: dict, event: Event, reason: str) -> bool:
-    """Write ``values`` that differ, with the event's watermark; only the watermark if none do."""
-    changed = [name for name, value in values.items() if getattr(row, name) != value]
-    row.last_event_created, row.last_event_id = event.created, event.id
+    """Write ``values`` that differ, with the event's watermark; only the watermark if none do.
+
+    A snapshot that changes nothing moves only the watermark, without a history row: history
+    records changes, and a renewal's unchanged snapshots would otherwise fill it.
+    """
+    table = _t(type(row))
+    changed = {name: value for name, value in values.items() if getattr(row, name) != value}
+    watermark = {"last_event_created": event.created, "last_event_id": event.id}
     if not changed:
-        type(row).objects.filter(pk=row.pk).update(last_event_created=event.created, last_event_id=event.id)
+        sql.execute(
+            f"UPDATE {table} SET last_event_created = %s, last_event_id = %s WHERE {table.pk_column} = %s",
+            [event.created, event.id, row.pk],
+        )
+        row.last_event_created, row.last_event_id = event.created, event.id
         return False
-    for name in changed:
-        setattr(row, name, values[name])
-    row._change_reason = reason
-    row.save(update_fields=[*changed, "last_event_created", "last_event_id", "updated_at"])
+    table.update(row, {**changed, **watermark}, reason=reason)
     return True
 
 
@@ -86,20 +101,32 @@ def mirror_subscription(event: Event) -> tuple[Subscription, bool]:
         "ended_at": snap.ended_at,
         "stripe_created": snap.created,
     }
-    sub = _subscription_with_locked_account(snap.stripe_id, snap.customer.customer_id)
+    sub = _subscription_with_locked_account(snap.stripe_id, snap.customer.customer_id, snap)
     if sub is not None:
         provisioning.learn_customer_details(sub.account, snap.customer.name, snap.customer.email)
     else:
         account = account_for(snap.customer)
-        sub = Subscription.objects.filter(stripe_id=snap.stripe_id).first()
+        sub = _t(Subscription).get("stripe_id = %s", [snap.stripe_id])
+        if sub is not None and sub.account_id == account.pk:
+            sql.attach(sub, "account", account)
     if sub is None:
-        sub = Subscription(stripe_id=snap.stripe_id, account=account, **values)
-        sub.last_event_created, sub.last_event_id = event.created, event.id
-        sub._change_reason = event.type
-        sub.save()
+        sub = _t(Subscription).insert(
+            {
+                "stripe_id": snap.stripe_id,
+                "account_id": account.pk,
+                **values,
+                "last_event_created": event.created,
+                "last_event_id": event.id,
+            },
+            reason=event.type,
+        )
+        sql.attach(sub, "account", account)
         # Invoices that arrived before their subscription are attached now.
-        Invoice.objects.filter(stripe_subscription_id=sub.stripe_id, subscription__isnull=True).update(
-            subscription=sub
+        _t(Invoice).update_where(
+            {"subscription_id": sub.pk},
+            "stripe_subscription_id = %s AND subscription_id IS NULL",
+            [sub.stripe_id],
+            reason="its subscription arrived",
         )
         _apply_period_seats(sub, snap.current_period_start, snap.quantity, newest=True)
         sync_subscription(sub)
@@ -111,7 +138,7 @@ def mirror_subscription(event: Event) -> tuple[Subscription, bool]:
     _save_changes(sub, values, event, event.type)
     changed = {name for name in _SYNC_INPUTS if getattr(sub, name) != before[name]}
     # Entitlements only move when what they are derived from moved (the hot path skips both).
-    if changed & {"quantity", "current_period_start"}:
+    if changed & {"quantity", "current_period_start"} and getattr(sub, "_seats_differ", True):
         _apply_period_seats(sub, snap.current_period_start, snap.quantity, newest=True)
     if changed & {"trial_start", "trial_end", "ended_at"}:
         sync_subscription(sub)
@@ -122,20 +149,35 @@ def mirror_subscription(event: Event) -> tuple[Subscription, bool]:
 _SYNC_INPUTS = ("quantity", "current_period_start", "trial_start", "trial_end", "ended_at")
 
 
-def _subscription_with_locked_account(stripe_id: str, customer_id: str) -> Subscription | None:
+def _subscription_with_locked_account(stripe_id: str, customer_id: str, snap=None) -> Subscription | None:
     """A known subscription, its account locked, in one round trip (the hot path of updates).
 
     Every writer of a customer's rows locks the account first, so the account's lock is what
-    serialises them; the subscription row itself needs no lock of its own.
+    serialises them; the subscription row itself needs no lock of its own. With ``snap``, the
+    same round trip also answers whether an entitlement of the snapshot's period has other
+    seats than the snapshot's quantity (``sub._seats_differ``): only then is a seat change
+    written.
     """
-    try:
-        return (
-            Subscription.objects.select_related("account")
-            .select_for_update(of=("account",))
-            .get(stripe_id=stripe_id, account__stripe_customer_id=customer_id)
+    subs, accounts, entitlements = _t(Subscription), _t(Account), _t(Entitlement)
+    seats_differ, params = "NULL", []
+    if snap is not None and snap.current_period_start is not None:
+        seats_differ = (
+            f"EXISTS (SELECT 1 FROM {entitlements} e WHERE e.stripe_subscription_id = s.stripe_id"
+            f" AND e.starts_at = %s AND e.seats <> %s)"
         )
-    except Subscription.DoesNotExist:
+        params = [snap.current_period_start, snap.quantity]
+    row = sql.one(
+        f"SELECT {subs.cols('s')}, {accounts.cols('a')}, {seats_differ} FROM {subs} s"
+        f" JOIN {accounts} a ON a.id = s.account_id"
+        f" WHERE s.stripe_id = %s AND a.stripe_customer_id = %s{sql.for_update('a')}",
+        [*params, stripe_id, customer_id],
+    )
+    if row is None:
         return None
+    sub = subs.load(row)
+    sql.attach(sub, "account", accounts.load(row, subs.width))
+    sub._seats_differ = row[-1] is None or bool(row[-1])
+    return sub
 
 
 def _subscription_snapshot_is_stale(sub: Subscription, event: Event, status: str) -> bool:
@@ -155,13 +197,15 @@ def period_quantity(stripe_subscription_id: str, period_start: datetime) -> int 
     Read back from the inbox, so a snapshot that lost the race for the mirror (it is older than
     the mirror's) still decides the seats of *its* period.
     """
-    payloads = (
-        StripeEvent.objects.filter(object_id=stripe_subscription_id, type__startswith="customer.subscription.")
-        .exclude(status=StripeEvent.Status.IGNORED)
-        .order_by("-created", "-received_at")
-        .values_list("payload", flat=True)
+    events = _t(StripeEvent)
+    found = sql.rows(
+        f"SELECT payload FROM {events} WHERE object_id = %s AND type LIKE %s AND status <> %s"
+        f" ORDER BY created DESC, received_at DESC",
+        [stripe_subscription_id, "customer.subscription.%", StripeEvent.Status.IGNORED],
     )
-    for payload in payloads.iterator(chunk_size=50):
+    for (payload,) in found:
+        if isinstance(payload, (str, bytes)):
+            payload = json.loads(payload)
         snap = read_subscription(payload["data"]["object"])
         if snap.current_period_start == period_start:
             return snap.quantity
@@ -181,8 +225,17 @@ def _apply_period_seats(sub: Subscription, period_start: datetime | None, quanti
     """A seat change: the entitlement of the snapshot's period follows its newest snapshot."""
     if period_start is None:
         return
-    for entitlement in Entitlement.objects.filter(stripe_subscription_id=sub.stripe_id, starts_at=period_start):
-        seats = quantity if newest else _seats_for_period(sub, period_start, entitlement.seats)
+    entitlements = _t(Entitlement)
+    if newest:
+        entitlements.update_where(
+            {"seats": quantity},
+            "stripe_subscription_id = %s AND starts_at = %s AND seats <> %s",
+            [sub.stripe_id, period_start, quantity],
+            reason="seat change",
+        )
+        return
+    for entitlement in entitlements.filter("stripe_subscription_id = %s AND starts_at = %s", [sub.stripe_id, period_start]):
+        seats = _seats_for_period(sub, period_start, entitlement.seats)
         provisioning.update_entitlement(entitlement, seats=seats, reason="seat change")
 
 
@@ -190,7 +243,7 @@ def sync_subscription(sub: Subscription) -> None:
     """Bring renewals and entitlements in line with the mirrored subscription (idempotent)."""
     if sub.trial_start and sub.trial_end:
         provisioning.grant_entitlement(
-            sub.account,
+            sub.account_id,
             kind=Entitlement.Kind.TRIAL,
             stripe_subscription_id=sub.stripe_id,
             starts_at=sub.trial_start,
@@ -205,13 +258,17 @@ def sync_subscription(sub: Subscription) -> None:
 
 def _end_subscription(sub: Subscription) -> None:
     """Nothing is planned after the end; no window reaches past it."""
-    Renewal.objects.filter(
-        subscription=sub, processed_at__isnull=True, stripe_invoice_id__isnull=True, effective_date__gte=sub.ended_at
-    ).delete()
-    for entitlement in Entitlement.objects.filter(stripe_subscription_id=sub.stripe_id, expires_at__gt=sub.ended_at):
-        provisioning.update_entitlement(
-            entitlement, expires_at=max(sub.ended_at, entitlement.starts_at), reason="subscription ended"
-        )
+    _t(Renewal).delete_where(
+        "subscription_id = %s AND processed_at IS NULL AND stripe_invoice_id IS NULL AND effective_date >= %s",
+        [sub.pk, sub.ended_at],
+        reason="subscription ended",
+    )
+    _t(Entitlement).update_where(
+        {"expires_at": sql.Expr("CASE WHEN starts_at > %s THEN starts_at ELSE %s END", [sub.ended_at, sub.ended_at])},
+        "stripe_subscription_id = %s AND expires_at > %s",
+        [sub.stripe_id, sub.ended_at],
+        reason="subscription ended",
+    )
 
 
 # --- Renewals ------------------------------------------------------------------------------
@@ -219,27 +276,35 @@ def _end_subscription(sub: Subscription) -> None:
 
 def ensure_renewal(sub: Subscription, effective_date: datetime) -> Renewal:
     """The renewal of ``sub`` effective at ``effective_date`` (by the matching rule), created if absent."""
-    candidates = Renewal.objects.filter(subscription=sub, effective_date__date=effective_date.date())
+    renewals = _t(Renewal)
+    start, end = sql.utc_day(effective_date)
+    candidates = renewals.filter(
+        "subscription_id = %s AND effective_date >= %s AND effective_date < %s", [sub.pk, start, end]
+    )
     renewal = matching.pick_by_instant(((r.effective_date, r) for r in candidates), effective_date)
     if renewal is not None:
         return renewal
-    renewal, created = Renewal.objects.get_or_create(subscription=sub, effective_date=effective_date)
-    if created:
-        link_renewal_to_invoice(renewal)
+    renewal = renewals.insert(
+        {"subscription_id": sub.pk, "effective_date": effective_date}, on_conflict=["subscription_id", "effective_date"]
+    )
+    if renewal is None:  # created meanwhile by a writer that did not hold the account's lock
+        return renewals.get("subscription_id = %s AND effective_date = %s", [sub.pk, effective_date])
+    link_renewal_to_invoice(renewal)
     return renewal
 
 
 def link_renewal_to_invoice(renewal: Renewal) -> None:
     """Link a new renewal to an invoice that arrived before it (same rule, seen from the renewal)."""
-    linked = Renewal.objects.filter(subscription_id=renewal.subscription_id, stripe_invoice_id__isnull=False)
-    invoices = Invoice.objects.filter(
-        subscription_id=renewal.subscription_id, period_start__date=renewal.effective_date.date()
-    ).exclude(stripe_id__in=linked.values("stripe_invoice_id"))
-    invoice = matching.pick_by_instant(((i.period_start, i) for i in invoices), renewal.effective_date)
+    invoices, renewals = _t(Invoice), _t(Renewal)
+    start, end = sql.utc_day(renewal.effective_date)
+    candidates = invoices.filter(
+        f"subscription_id = %s AND period_start >= %s AND period_start < %s AND NOT EXISTS (SELECT 1 FROM"
+        f" {renewals} r WHERE r.subscription_id = {invoices}.subscription_id AND r.stripe_invoice_id = {invoices}.stripe_id)",
+        [renewal.subscription_id, start, end],
+    )
+    invoice = matching.pick_by_instant(((i.period_start, i) for i in candidates), renewal.effective_date)
     if invoice is not None:
-        renewal.stripe_invoice_id = invoice.stripe_id
-        renewal._change_reason = f"linked to {invoice.stripe_id}"
-        renewal.save(update_fields=["stripe_invoice_id", "updated_at"])
+        renewals.update(renewal, {"stripe_invoice_id": invoice.stripe_id}, reason=f"linked to {invoice.stripe_id}")
 
 
 def link_invoice_to_renewal(invoice: Invoice) -> Renewal | None:
@@ -250,9 +315,12 @@ def link_invoice_to_renewal(invoice: Invoice) -> Renewal | None:
     """
     if invoice.subscription_id is None or invoice.period_start is None:
         return None
-    candidates = Renewal.objects.select_for_update().filter(
-        Q(effective_date__date=invoice.period_start.date()) | Q(stripe_invoice_id=invoice.stripe_id),
-        subscription_id=invoice.subscription_id,
+    renewals = _t(Renewal)
+    start, end = sql.utc_day(invoice.period_start)
+    candidates = renewals.filter(
+        "subscription_id = %s AND ((effective_date >= %s AND effective_date < %s) OR stripe_invoice_id = %s)",
+        [invoice.subscription_id, start, end, invoice.stripe_id],
+        lock=True,
     )
     decision = matching.decide_link(
         ((r.effective_date, r.stripe_invoice_id, r) for r in candidates),
@@ -262,9 +330,7 @@ def link_invoice_to_renewal(invoice: Invoice) -> Renewal | None:
     )
     renewal = decision.renewal
     if decision.outcome == matching.Decision.LINK:
-        renewal.stripe_invoice_id = invoice.stripe_id
-        renewal._change_reason = f"linked to {invoice.stripe_id}"
-        renewal.save(update_fields=["stripe_invoice_id", "updated_at"])
+        renewals.update(renewal, {"stripe_invoice_id": invoice.stripe_id}, reason=f"linked to {invoice.stripe_id}")
     elif decision.outcome == matching.Decision.CONFLICT:
         logger.warning(
             "renewal %s is linked to %s; ignoring conflicting invoice %s",
@@ -275,10 +341,13 @@ def link_invoice_to_renewal(invoice: Invoice) -> Renewal | None:
     return renewal
 
 
-def _grant_paid_period(sub: Subscription, invoice: Invoice) -> Entitlement:
-    """A ``paid`` entitlement for the invoice's service period, and the next renewal planned."""
-    entitlement, _ = provisioning.grant_entitlement(
-        sub.account,
+def _grant_paid_period(sub: Subscription, invoice: Invoice) -> None:
+    """A ``paid`` entitlement for the invoice's service period, and the next renewal planned.
+
+    The caller relinks the renewals' entitlements once it has made all its changes.
+    """
+    provisioning.grant_entitlement(
+        sub.account_id,
         kind=Entitlement.Kind.PAID,
         stripe_subscription_id=sub.stripe_id,
         starts_at=invoice.period_start,
@@ -290,14 +359,13 @@ def _grant_paid_period(sub: Subscription, invoice: Invoice) -> Entitlement:
         ensure_renewal(sub, invoice.period_end)
     if sub.ended_at:
         _end_subscription(sub)
-    _relink_renewal_entitlements(sub)
-    return entitlement
 
 
 def _relink_renewal_entitlements(sub: Subscription) -> None:
     """Each processed renewal moves from the window before it to the paid window it starts."""
-    entitlements = list(Entitlement.objects.filter(stripe_subscription_id=sub.stripe_id).order_by("starts_at"))
-    for renewal in Renewal.objects.filter(subscription=sub, processed_at__isnull=False):
+    entitlements = _t(Entitlement).filter("stripe_subscription_id = %s", [sub.stripe_id], order_by="starts_at, id")
+    renewals = _t(Renewal)
+    for renewal in renewals.filter("subscription_id = %s AND processed_at IS NOT NULL", [sub.pk]):
         before = [e for e in entitlements if e.starts_at < renewal.effective_date]
         from_id = before[-1].pk if before else None
         to_id = next(
@@ -305,20 +373,21 @@ def _relink_renewal_entitlements(sub: Subscription) -> None:
             None,
         )
         if (renewal.from_entitlement_id, renewal.to_entitlement_id) != (from_id, to_id):
-            renewal.from_entitlement_id, renewal.to_entitlement_id = from_id, to_id
-            renewal.save(update_fields=["from_entitlement", "to_entitlement", "updated_at"])
+            renewals.update(renewal, {"from_entitlement_id": from_id, "to_entitlement_id": to_id})
 
 
-def process_renewal(renewal: Renewal, invoice: Invoice) -> bool:
+def process_renewal(renewal: Renewal, invoice: Invoice, sub: Subscription) -> bool:
     """Grant the period ``invoice`` paid for through ``renewal``, exactly once."""
-    renewal = Renewal.objects.select_for_update().get(pk=renewal.pk)
+    renewals = _t(Renewal)
+    renewal = renewals.get("id = %s", [renewal.pk], lock=True)
     if renewal.processed_at is not None:
         return False
-    _grant_paid_period(renewal.subscription, invoice)
-    renewal.processed_at = invoice.paid_at or invoice.last_event_created
-    renewal._change_reason = f"processed by {invoice.stripe_id}"
-    renewal.save(update_fields=["processed_at", "updated_at"])
-    _relink_renewal_entitlements(renewal.subscription)
+    _grant_paid_period(sub, invoice)
+    renewals.update(
+        renewal,
+        {"processed_at": invoice.paid_at or invoice.last_event_created},
+        reason=f"processed by {invoice.stripe_id}",
+    )
     return True
 
 
@@ -335,14 +404,27 @@ def _status_moves_backwards(current: str, new: str) -> bool:
     return _STATUS_RANK.get(new, 0) <= _STATUS_RANK.get(current, 0)
 
 
+def _invoice_and_subscription_id(stripe_id: str, subscription_stripe_id: str) -> tuple[Invoice | None, int | None]:
+    """The mirrored invoice (if any) and the id of the subscription it names (if mirrored), at once."""
+    invoices, subs = _t(Invoice), _t(Subscription)
+    row = sql.one(
+        f"SELECT (SELECT s.id FROM {subs} s WHERE s.stripe_id = %s), {invoices.cols('i')}"
+        f" FROM (SELECT 1 AS one) AS x LEFT JOIN {invoices} i ON i.stripe_id = %s",
+        [subscription_stripe_id, stripe_id],
+    )
+    pk_index = 1 + invoices.attnames.index("id")
+    invoice = invoices.load(row, 1) if row[pk_index] is not None else None
+    return invoice, row[0]
+
+
 def mirror_invoice(event: Event) -> tuple[Invoice, bool]:
     """Mirror the invoice snapshot of ``event``; (row, whether the snapshot was applied)."""
     snap = read_invoice(event.obj)
     account = account_for(snap.customer)
-    sub = Subscription.objects.filter(stripe_id=snap.subscription_id).first() if snap.subscription_id else None
+    invoice, sub_id = _invoice_and_subscription_id(snap.stripe_id, snap.subscription_id)
     line = snap.subscription_line
     values = {
-        "subscription": sub,
+        "subscription_id": sub_id,
         "stripe_subscription_id": snap.subscription_id,
         "number": snap.number,
         "status": snap.status,
@@ -361,18 +443,31 @@ def mirror_invoice(event: Event) -> tuple[Invoice, bool]:
         "paid_at": snap.paid_at or (event.created if snap.status == Invoice.Status.PAID else None),
         "stripe_created": snap.created,
     }
-    invoice = Invoice.objects.select_for_update().filter(stripe_id=snap.stripe_id).first()
     if invoice is None:
-        invoice = Invoice(stripe_id=snap.stripe_id, account=account, **values)
-        invoice.last_event_created, invoice.last_event_id = event.created, event.id
-        invoice._change_reason = event.type
-        invoice.save()
-        _write_lines(invoice, snap, replace=False)
-        return invoice, True
+        invoice = _t(Invoice).insert(
+            {
+                "stripe_id": snap.stripe_id,
+                "account_id": account.pk,
+                **values,
+                "last_event_created": event.created,
+                "last_event_id": event.id,
+            },
+            reason=event.type,
+            on_conflict=["stripe_id"],
+        )
+        if invoice is not None:
+            sql.attach(invoice, "account", account)
+            _write_lines(invoice, snap, replace=False)
+            return invoice, True
+        # Mirrored meanwhile by a writer that did not hold the account's lock (an operator's
+        # re-sync): treat it as the existing row it now is.
+        invoice, sub_id = _invoice_and_subscription_id(snap.stripe_id, snap.subscription_id)
+    if invoice.account_id == account.pk:
+        sql.attach(invoice, "account", account)
     if _older_than_stored(invoice, event) or _status_moves_backwards(invoice.status, snap.status):
         return invoice, False
-    if sub is None:
-        values["subscription"] = invoice.subscription  # never forget a known subscription
+    if sub_id is None:
+        values["subscription_id"] = invoice.subscription_id  # never forget a known subscription
     values["paid_at"] = values["paid_at"] or invoice.paid_at
     was_draft = invoice.status == Invoice.Status.DRAFT
     _save_changes(invoice, values, event, event.type)
@@ -382,34 +477,36 @@ def mirror_invoice(event: Event) -> tuple[Invoice, bool]:
 
 
 def _write_lines(invoice: Invoice, snap: InvoiceSnapshot, replace: bool) -> None:
+    lines = _t(InvoiceLineItem)
     if replace:
         existing = {
             (line.stripe_id, line.amount, line.quantity, line.period_start, line.period_end)
-            for line in invoice.lines.all()
+            for line in lines.filter("invoice_id = %s", [invoice.pk])
         }
         wanted = {(line.stripe_id, line.amount, line.quantity, line.period_start, line.period_end) for line in snap.lines}
         if existing == wanted:
             return
-        invoice.lines.all().delete()
-    rows = [
-        InvoiceLineItem(
-            invoice=invoice,
-            stripe_id=line.stripe_id,
-            description=line.description[:10000],
-            currency=line.currency,
-            amount=line.amount,
-            quantity=line.quantity,
-            period_start=line.period_start,
-            period_end=line.period_end,
-            parent_type=line.parent_type,
-            stripe_subscription_id=line.subscription_id,
-            price_id=line.price_id,
-            proration=line.proration,
-        )
-        for line in snap.lines
-    ]
-    if rows:
-        bulk_create_with_history(rows, InvoiceLineItem, batch_size=100, default_change_reason="invoice snapshot")
+        lines.delete_where("invoice_id = %s", [invoice.pk], reason="invoice snapshot")
+    lines.insert_many(
+        (
+            {
+                "invoice_id": invoice.pk,
+                "stripe_id": line.stripe_id,
+                "description": line.description[:10000],
+                "currency": line.currency,
+                "amount": line.amount,
+                "quantity": line.quantity,
+                "period_start": line.period_start,
+                "period_end": line.period_end,
+                "parent_type": line.parent_type,
+                "stripe_subscription_id": line.subscription_id,
+                "price_id": line.price_id,
+                "proration": line.proration,
+            }
+            for line in snap.lines
+        ),
+        reason="invoice snapshot",
+    )
 
 
 def _is_trial_invoice(sub: Subscription, invoice: Invoice) -> bool:
@@ -425,15 +522,17 @@ def settle_paid_invoice(invoice: Invoice) -> None:
             f"invoice {invoice.stripe_id} pays for subscription {invoice.stripe_subscription_id}, not known yet"
         )
     if invoice.subscription_id is not None and invoice.period_start and invoice.period_end:
-        sub = Subscription.objects.select_for_update().get(pk=invoice.subscription_id)
+        sub = _t(Subscription).get("id = %s", [invoice.subscription_id], lock=True)
         if _is_trial_invoice(sub, invoice):
             pass  # the trial's own $0 invoice: the trial entitlement already covers it
         elif invoice.billing_reason == "subscription_create":
             _grant_paid_period(sub, invoice)  # the first invoice has no renewal before it
+            _relink_renewal_entitlements(sub)
         else:
             # A renewal created here is linked to this (already mirrored) invoice by ensure_renewal.
             renewal = link_invoice_to_renewal(invoice) or ensure_renewal(sub, invoice.period_start)
-            process_renewal(renewal, invoice)
+            process_renewal(renewal, invoice, sub)
+            _relink_renewal_entitlements(sub)
     if invoice.total > 0:
         owe_email(OwedEmail.Kind.RECEIPT, key=f"receipt:{invoice.stripe_id}", account=invoice.account, invoice=invoice)
 
@@ -520,10 +619,9 @@ def record_invoice_payment(event: Event) -> None:
     snap = read_invoice_payment(event.obj)
     if not snap.payment_intent_id:
         return
-    payment = _payment_for(snap.payment_intent_id)
+    payment = _payment_for(snap.payment_intent_id, stripe_invoice_id=snap.invoice_id)
     if payment.stripe_invoice_id != snap.invoice_id:
-        payment.stripe_invoice_id = snap.invoice_id
-        payment.save(update_fields=["stripe_invoice_id", "updated_at"])
+        _t(Payment).update(payment, {"stripe_invoice_id": snap.invoice_id})
     recompute_refunded(payment)
 
 
@@ -535,30 +633,47 @@ def record_charge_refund(event: Event) -> None:
     if snap.invoice_id:  # pre-basil charges still name their invoice
         fields["stripe_invoice_id"] = snap.invoice_id
     fields["charge_amount_refunded"] = max(payment.charge_amount_refunded, snap.amount_refunded)
-    for name, value in fields.items():
-        setattr(payment, name, value)
-    payment.save()
+    changed = {name: value for name, value in fields.items() if getattr(payment, name) != value}
+    if changed:
+        _t(Payment).update(payment, changed)
     recompute_refunded(payment)
 
 
 def record_refund(event: Event) -> None:
     """``refund.created`` / ``.updated`` / ``.failed``: mirror the refund, newest snapshot wins."""
     snap = read_refund(event.obj)
-    refund = Refund.objects.select_for_update().filter(stripe_id=snap.stripe_id).first()
-    if refund is not None and refund.last_event_created and event.created < refund.last_event_created:
+    refunds = _t(Refund)
+    values = {
+        "payment_intent_id": snap.payment_intent_id,
+        "charge_id": snap.charge_id,
+        "amount": snap.amount,
+        "currency": snap.currency,
+        "status": snap.status,
+        "last_event_created": event.created,
+    }
+    refund = refunds.get("stripe_id = %s", [snap.stripe_id], lock=True)
+    if refund is None:
+        refund = refunds.insert({"stripe_id": snap.stripe_id, **values}, on_conflict=["stripe_id"])
+        if refund is None:  # a concurrent delivery of another event of this refund created it
+            refund = refunds.get("stripe_id = %s", [snap.stripe_id], lock=True)
+            if refund.last_event_created and event.created < refund.last_event_created:
+                return
+            refunds.update(refund, values)
+    elif refund.last_event_created and event.created < refund.last_event_created:
         return
-    refund = refund or Refund(stripe_id=snap.stripe_id)
-    refund.payment_intent_id, refund.charge_id = snap.payment_intent_id, snap.charge_id
-    refund.amount, refund.currency, refund.status = snap.amount, snap.currency, snap.status
-    refund.last_event_created = event.created
-    refund.save()
+    else:
+        refunds.update(refund, values)
     key = snap.payment_intent_id or (f"charge:{snap.charge_id}" if snap.charge_id else "")
     if key:
         recompute_refunded(_payment_for(key))
 
 
-def _payment_for(payment_intent_id: str) -> Payment:
-    payment, _ = Payment.objects.select_for_update().get_or_create(payment_intent_id=payment_intent_id)
+def _payment_for(payment_intent_id: str, **defaults) -> Payment:
+    """The Payment of a PaymentIntent, locked; created (with ``defaults``) if never seen."""
+    payments = _t(Payment)
+    payment = payments.insert({"payment_intent_id": payment_intent_id, **defaults}, on_conflict=["payment_intent_id"])
+    if payment is None:
+        payment = payments.get("payment_intent_id = %s", [payment_intent_id], lock=True)
     return payment
 
 
@@ -567,28 +682,27 @@ _COUNTED_REFUND_STATUSES = ("succeeded", "pending", "requires_action")
 
 def recompute_refunded(payment: Payment) -> None:
     """Attach the payment to its invoice when known, and recompute the invoice's refunded amount."""
+    invoices, payments, refunds = _t(Invoice), _t(Payment), _t(Refund)
     if payment.invoice_id is None and payment.stripe_invoice_id:
-        invoice = Invoice.objects.filter(stripe_id=payment.stripe_invoice_id).first()
-        if invoice is not None:
-            payment.invoice = invoice
-            payment.save(update_fields=["invoice", "updated_at"])
+        row = sql.one(f"SELECT id FROM {invoices} WHERE stripe_id = %s", [payment.stripe_invoice_id])
+        if row is not None:
+            payments.update(payment, {"invoice_id": row[0]})
     if payment.invoice_id is None:
         # Kept until invoice_payment.paid or the invoice arrives; meanwhile ask Stripe (after commit).
         if not payment.stripe_invoice_id and not payment.payment_intent_id.startswith("charge:"):
             _ask_stripe_for_invoice(payment.payment_intent_id)
         return
-    invoice = Invoice.objects.select_for_update().get(pk=payment.invoice_id)
-    total = 0
-    for each in invoice.payments.all():
-        refunds = Refund.objects.filter(
-            Q(payment_intent_id=each.payment_intent_id) | Q(charge_id=each.charge_id, charge_id__gt=""),
-            status__in=_COUNTED_REFUND_STATUSES,
-        )
-        total += max(each.charge_amount_refunded, sum(r.amount for r in refunds))
-    if invoice.amount_refunded != total:
-        invoice.amount_refunded = total
-        invoice._change_reason = "refund"
-        invoice.save(update_fields=["amount_refunded", "updated_at"])
+    locked = sql.one(f"SELECT amount_refunded FROM {invoices} WHERE id = %s{sql.for_update()}", [payment.invoice_id])
+    statuses = ", ".join(["%s"] * len(_COUNTED_REFUND_STATUSES))
+    per_payment = sql.rows(
+        f"SELECT p.charge_amount_refunded, (SELECT COALESCE(SUM(r.amount), 0) FROM {refunds} r"
+        f" WHERE (r.payment_intent_id = p.payment_intent_id OR (r.charge_id = p.charge_id AND r.charge_id > ''))"
+        f" AND r.status IN ({statuses})) FROM {payments} p WHERE p.invoice_id = %s",
+        [*_COUNTED_REFUND_STATUSES, payment.invoice_id],
+    )
+    total = sum(max(charge_refunded, refunded) for charge_refunded, refunded in per_payment)
+    if locked[0] != total:
+        invoices.update_where({"amount_refunded": total}, "id = %s", [payment.invoice_id], reason="refund")
 
 
 def _ask_stripe_for_invoice(payment_intent_id: str) -> None:
@@ -604,5 +718,5 @@ def _ask_stripe_for_invoice(payment_intent_id: str) -> None:
 
 def attach_waiting_payments(invoice: Invoice) -> None:
     """Refunds that arrived before their invoice: attach them now."""
-    for payment in Payment.objects.filter(stripe_invoice_id=invoice.stripe_id, invoice__isnull=True):
+    for payment in _t(Payment).filter("stripe_invoice_id = %s AND invoice_id IS NULL", [invoice.stripe_id]):
         recompute_refunded(payment)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from django.db import IntegrityError, transaction
+from billing import sql  # hand-written SQL of the webhook's hot path (no billing models imported)
 
 from .models import Account, Entitlement, Membership
 
@@ -19,20 +19,23 @@ def lock_account_for_customer(customer_id: str, *, name: str = "", email: str = 
     """The account of a Stripe customer, locked for this transaction; created if never seen.
 
     A subscription created through the API with no checkout still gets an account, named after
-    the customer's name or e-mail when the payload carries them.
+    the customer's name or e-mail when the payload carries them. Two concurrent first events of
+    a customer both try the INSERT; the second waits for the first to commit, skips, and locks
+    the row the first created (``ON CONFLICT DO NOTHING``: no savepoint, no error to catch).
     """
-    account = Account.objects.select_for_update().filter(stripe_customer_id=customer_id).first()
+    accounts = sql.table(Account)
+    account = accounts.get("stripe_customer_id = %s", [customer_id], lock=True)
     if account is not None:
         learn_customer_details(account, name, email)
         return account
-    try:
-        with transaction.atomic():
-            return Account.objects.create(
-                name=(name or email or customer_id)[:255], stripe_customer_id=customer_id, billing_email=email
-            )
-    except IntegrityError:
-        # A concurrent delivery created it first; its transaction has committed by now.
-        return Account.objects.select_for_update().get(stripe_customer_id=customer_id)
+    account = accounts.insert(
+        {"name": (name or email or customer_id)[:255], "stripe_customer_id": customer_id, "billing_email": email},
+        on_conflict=["stripe_customer_id"],
+    )
+    if account is None:  # a concurrent delivery created it first; its transaction has committed
+        account = accounts.get("stripe_customer_id = %s", [customer_id], lock=True)
+        learn_customer_details(account, name, email)
+    return account
 
 
 def learn_customer_details(account: Account, name: str, email: str) -> None:
@@ -42,6 +45,8 @@ def learn_customer_details(account: Account, name: str, email: str) -> None:
     name whichever event brings it, so the result does not depend on delivery order. A name
     someone chose (at checkout, in the admin) is never touched.
     """
+    if not name and not email:
+        return
     fields = {}
     if email and not account.billing_email:
         fields["billing_email"] = email
@@ -50,14 +55,11 @@ def learn_customer_details(account: Account, name: str, email: str) -> None:
     if better and account.name != better and account.name in placeholders and (name or account.name != email):
         fields["name"] = better[:255]
     if fields:
-        for key, value in fields.items():
-            setattr(account, key, value)
-        account._change_reason = "customer details from Stripe"
-        account.save(update_fields=[*fields, "updated_at"])
+        sql.table(Account).update(account, fields, reason="customer details from Stripe")
 
 
 def grant_entitlement(
-    account: Account,
+    account_id: int,
     *,
     kind: str,
     stripe_subscription_id: str,
@@ -66,29 +68,38 @@ def grant_entitlement(
     seats: int,
     stripe_invoice_id: str = "",
 ) -> tuple[Entitlement, bool]:
-    """The entitlement for one window of a subscription; created once (unique window)."""
-    return Entitlement.objects.get_or_create(
-        stripe_subscription_id=stripe_subscription_id,
-        kind=kind,
-        starts_at=starts_at,
-        defaults={
-            "account": account,
+    """The entitlement for one window of a subscription; created once (unique window).
+
+    (entitlement, created). Concurrent grants of one window: the unique constraint makes the
+    second skip its INSERT and return the first's row.
+    """
+    entitlements = sql.table(Entitlement)
+    entitlement = entitlements.insert(
+        {
+            "account_id": account_id,
+            "kind": kind,
+            "stripe_subscription_id": stripe_subscription_id,
+            "starts_at": starts_at,
             "expires_at": max(expires_at, starts_at),
             "seats": max(seats, 0),
             "stripe_invoice_id": stripe_invoice_id,
         },
+        on_conflict=["stripe_subscription_id", "kind", "starts_at"],
     )
+    if entitlement is not None:
+        return entitlement, True
+    existing = entitlements.get(
+        "stripe_subscription_id = %s AND kind = %s AND starts_at = %s", [stripe_subscription_id, kind, starts_at]
+    )
+    return existing, False
 
 
 def update_entitlement(entitlement: Entitlement, *, reason: str, **fields) -> bool:
     """Change fields of an entitlement (with a history reason); False if nothing changed."""
-    changed = [name for name, value in fields.items() if getattr(entitlement, name) != value]
+    changed = {name: value for name, value in fields.items() if getattr(entitlement, name) != value}
     if not changed:
         return False
-    for name in changed:
-        setattr(entitlement, name, fields[name])
-    entitlement._change_reason = reason
-    entitlement.save(update_fields=[*changed, "updated_at"])
+    sql.table(Entitlement).update(entitlement, changed, reason=reason)
     return True
 
 
@@ -97,9 +108,7 @@ def set_payment_method(account: Account, payment_method_id: str, at: datetime) -
         return False
     if account.payment_method_added_at and at < account.payment_method_added_at:
         return False  # an older SetupIntent than the one already recorded
-    account.default_payment_method_id = payment_method_id
-    account.payment_method_added_at = at
-    account.save(update_fields=["default_payment_method_id", "payment_method_added_at", "updated_at"])
+    sql.table(Account).update(account, {"default_payment_method_id": payment_method_id, "payment_method_added_at": at})
     return True
 
 

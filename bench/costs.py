@@ -1,0 +1,152 @@
+"""``python -m bench.costs``: CPU time and SQL statements per request, by event type, in-process.
+
+Not a throughput benchmark: a diagnostic that tells where to optimise, steadier than the HTTP
+benchmarks on a shared machine because it counts the CPU time of this one process
+(``time.process_time``) and the statements it sends, one request at a time. Each request goes
+through Django's WSGI handler exactly as gunicorn calls it (middleware, URL resolution, the
+view, the response), signed with the bench secret. The baselines (bare, minimal) get the same
+bodies, so the figures can be read as ratios, like the HTTP benchmarks' CPU per request.
+
+It runs against ``billing_bench`` (created afresh, as ``make bench`` does) with the bench
+settings. Output: a table on stdout and ``bench/results/costs.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+from bench import WEBHOOK_SECRET
+from bench.core import RESULTS, git_state, log, table
+from bench.server import create_database, server_env
+
+
+def _environ(path: str, body: bytes, header: str) -> dict:
+    return {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": path,
+        "SCRIPT_NAME": "",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8000",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": "127.0.0.1",
+        "CONTENT_TYPE": "application/json; charset=utf-8",
+        "CONTENT_LENGTH": str(len(body)),
+        "HTTP_STRIPE_SIGNATURE": header,
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.version": (1, 0),
+    }
+
+
+def measure(customers: int, seed: int, repeat_baselines: bool = True) -> dict:
+    import django
+
+    os.environ.update(server_env())
+    django.setup()
+    import stripe
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.db import connection
+
+    from billing.simulation.delivery import encode
+    from billing.simulation.lifecycles import generate_lifecycles
+
+    app = WSGIHandler()
+    statements = [0]
+
+    def count(execute, sql, params, many, context):
+        statements[0] += 1
+        return execute(sql, params, many, context)
+
+    def call(path: str, body: bytes) -> tuple[float, int, str]:
+        header = stripe.WebhookSignature.generate_signature_header(body.decode(), WEBHOOK_SECRET)
+        environ = _environ(path, body, header)
+        status = []
+        statements[0] = 0
+        started = time.process_time()
+        response = app(environ, lambda s, h, exc_info=None: status.append(s))
+        b"".join(response)
+        if hasattr(response, "close"):
+            response.close()
+        return time.process_time() - started, statements[0], status[0]
+
+    # Warm-up: connections, prepared statements, imports, caches.
+    warm = [e for lc in generate_lifecycles(customers=10, seed=seed - 1) for e in lc.events]
+    with connection.execute_wrapper(count):
+        for event in warm:
+            body = encode(event)
+            for path in ("/bench/bare/", "/bench/minimal/", "/billing/stripe/webhook/"):
+                call(path, body)
+        events = [e for lc in generate_lifecycles(customers=customers, seed=seed) for e in lc.events]
+        cpu = defaultdict(float)
+        n = defaultdict(int)
+        queries = defaultdict(int)
+        failed = defaultdict(int)
+        for event in events:
+            body = encode(event)
+            for target, path in (("bare", "/bench/bare/"), ("minimal", "/bench/minimal/"),
+                                 ("pipeline", "/billing/stripe/webhook/")):
+                seconds, statements_sent, status = call(path, body)
+                key = (target, event["type"] if target == "pipeline" else "*")
+                cpu[key] += seconds
+                n[key] += 1
+                queries[key] += statements_sent
+                if not status.startswith("2"):
+                    failed[key] += 1
+    rows = []
+    for (target, type_), total in cpu.items():
+        rows.append({
+            "target": target, "type": type_, "requests": n[(target, type_)],
+            "cpu_ms": round(1000 * total / n[(target, type_)], 3),
+            "statements": round(queries[(target, type_)] / n[(target, type_)], 2),
+            "failed": failed[(target, type_)],
+        })
+    pipeline_total = sum(v for (t, _), v in cpu.items() if t == "pipeline")
+    pipeline_n = sum(v for (t, _), v in n.items() if t == "pipeline")
+    minimal = cpu[("minimal", "*")] / n[("minimal", "*")]
+    return {"rows": rows, "pipeline_cpu_ms": 1000 * pipeline_total / pipeline_n,
+            "minimal_cpu_ms": 1000 * minimal, "bare_cpu_ms": 1000 * cpu[("bare", "*")] / n[("bare", "*")],
+            "customers": customers, "seed": seed}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.costs", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--customers", type=int, default=100)
+    p.add_argument("--seed", type=int, default=4242)
+    p.add_argument("--no-create", action="store_true", help="reuse billing_bench as it is")
+    args = p.parse_args(argv)
+    if not args.no_create:
+        create_database(log)
+    result = measure(args.customers, args.seed)
+    minimal = result["minimal_cpu_ms"]
+    rows = sorted(result["rows"], key=lambda r: (r["target"] != "pipeline", -r["cpu_ms"] * r["requests"]))
+    md = table(["target", "event type", "requests", "CPU ms/request", "x minimal", "SQL statements", "non-2xx"],
+               [[r["target"], r["type"], r["requests"], f"{r['cpu_ms']:.3f}", f"{r['cpu_ms'] / minimal:.2f}",
+                 r["statements"], r["failed"]] for r in rows])
+    summary = (f"pipeline, all types: {result['pipeline_cpu_ms']:.3f} ms/request = "
+               f"{result['pipeline_cpu_ms'] / minimal:.2f}x minimal ({minimal:.3f} ms); "
+               f"bare {result['bare_cpu_ms']:.3f} ms")
+    git = git_state()
+    text = (f"# In-process CPU per request (`python -m bench.costs`)\n\n{time.strftime('%Y-%m-%dT%H:%M:%S%z')}, "
+            f"commit {git.get('git_commit') or '?'}{' (dirty)' if git.get('git_dirty') else ''}, "
+            f"{args.customers} lifecycles (seed {args.seed}), one request at a time through Django's WSGI handler."
+            f"\n\n{summary}\n\n{md}\n")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "costs.md").write_text(text)
+    (RESULTS / "costs.json").write_text(json.dumps({**result, "git": git}, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
