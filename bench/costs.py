@@ -48,7 +48,7 @@ def _environ(path: str, body: bytes, header: str) -> dict:
     }
 
 
-def measure(customers: int, seed: int, repeat_baselines: bool = True) -> dict:
+def measure(customers: int, seed: int, per_statement: bool = False) -> dict:
     import django
 
     os.environ.update(server_env())
@@ -62,22 +62,48 @@ def measure(customers: int, seed: int, repeat_baselines: bool = True) -> dict:
 
     app = WSGIHandler()
     statements = [0]
+    backend = [None]
+
+    def pg_ns() -> int:
+        """CPU time of this connection's PostgreSQL backend so far (ns, from /proc/PID/schedstat)."""
+        if connection.connection is None:
+            return 0
+        backend[0] = connection.connection.info.backend_pid
+        try:
+            with open(f"/proc/{backend[0]}/schedstat") as f:
+                return int(f.read().split()[0])
+        except OSError:  # the database runs elsewhere: no figure
+            return 0
+
+    by_statement = defaultdict(lambda: [0, 0.0, 0.0])  # statement -> [count, web s, PG s]
+    current = [""]
 
     def count(execute, sql, params, many, context):
         statements[0] += 1
-        return execute(sql, params, many, context)
+        if not per_statement:
+            return execute(sql, params, many, context)
+        pg_before, started = pg_ns(), time.process_time()
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            entry = by_statement[(current[0], " ".join(sql.split())[:160])]
+            entry[0] += 1
+            entry[1] += time.process_time() - started
+            entry[2] += (pg_ns() - pg_before) / 1e9
 
-    def call(path: str, body: bytes) -> tuple[float, int, str]:
+    def call(path: str, body: bytes) -> tuple[float, float, int, str]:
         header = stripe.WebhookSignature.generate_signature_header(body.decode(), WEBHOOK_SECRET)
         environ = _environ(path, body, header)
         status = []
         statements[0] = 0
+        pg_before = pg_ns()
         started = time.process_time()
         response = app(environ, lambda s, h, exc_info=None: status.append(s))
         b"".join(response)
         if hasattr(response, "close"):
             response.close()
-        return time.process_time() - started, statements[0], status[0]
+        seconds = time.process_time() - started
+        return seconds, (pg_ns() - pg_before) / 1e9, statements[0], status[0]
 
     # Warm-up: connections, prepared statements, imports, caches.
     warm = [e for lc in generate_lifecycles(customers=10, seed=seed - 1) for e in lc.events]
@@ -88,6 +114,7 @@ def measure(customers: int, seed: int, repeat_baselines: bool = True) -> dict:
                 call(path, body)
         events = [e for lc in generate_lifecycles(customers=customers, seed=seed) for e in lc.events]
         cpu = defaultdict(float)
+        pg = defaultdict(float)
         n = defaultdict(int)
         queries = defaultdict(int)
         failed = defaultdict(int)
@@ -95,9 +122,11 @@ def measure(customers: int, seed: int, repeat_baselines: bool = True) -> dict:
             body = encode(event)
             for target, path in (("bare", "/bench/bare/"), ("minimal", "/bench/minimal/"),
                                  ("pipeline", "/billing/stripe/webhook/")):
-                seconds, statements_sent, status = call(path, body)
+                current[0] = event["type"] if target == "pipeline" else target
+                seconds, pg_seconds, statements_sent, status = call(path, body)
                 key = (target, event["type"] if target == "pipeline" else "*")
                 cpu[key] += seconds
+                pg[key] += pg_seconds
                 n[key] += 1
                 queries[key] += statements_sent
                 if not status.startswith("2"):
@@ -107,15 +136,20 @@ def measure(customers: int, seed: int, repeat_baselines: bool = True) -> dict:
         rows.append({
             "target": target, "type": type_, "requests": n[(target, type_)],
             "cpu_ms": round(1000 * total / n[(target, type_)], 3),
+            "pg_cpu_ms": round(1000 * pg[(target, type_)] / n[(target, type_)], 3),
             "statements": round(queries[(target, type_)] / n[(target, type_)], 2),
             "failed": failed[(target, type_)],
         })
-    pipeline_total = sum(v for (t, _), v in cpu.items() if t == "pipeline")
-    pipeline_n = sum(v for (t, _), v in n.items() if t == "pipeline")
-    minimal = cpu[("minimal", "*")] / n[("minimal", "*")]
-    return {"rows": rows, "pipeline_cpu_ms": 1000 * pipeline_total / pipeline_n,
-            "minimal_cpu_ms": 1000 * minimal, "bare_cpu_ms": 1000 * cpu[("bare", "*")] / n[("bare", "*")],
-            "customers": customers, "seed": seed}
+    def per_request(measure, target):
+        total = sum(v for (t, _), v in measure.items() if t == target)
+        return 1000 * total / sum(v for (t, _), v in n.items() if t == target)
+
+    statements_table = sorted(
+        ({"event": k[0], "sql": k[1], "count": v[0], "web_ms": round(1000 * v[1], 1), "pg_ms": round(1000 * v[2], 1)}
+         for k, v in by_statement.items()), key=lambda r: -(r["web_ms"] + r["pg_ms"]))
+    return {"rows": rows, "customers": customers, "seed": seed, "statements": statements_table,
+            **{f"{target}_{name}_ms": per_request(measure, target)
+               for target in ("pipeline", "minimal", "bare") for name, measure in (("cpu", cpu), ("pg_cpu", pg))}}
 
 
 def main(argv=None) -> int:
@@ -124,18 +158,30 @@ def main(argv=None) -> int:
     p.add_argument("--customers", type=int, default=100)
     p.add_argument("--seed", type=int, default=4242)
     p.add_argument("--no-create", action="store_true", help="reuse billing_bench as it is")
+    p.add_argument("--statements", type=int, default=0, metavar="N",
+                   help="also time each SQL statement (web and PostgreSQL CPU) and list the N costliest")
     args = p.parse_args(argv)
     if not args.no_create:
         create_database(log)
-    result = measure(args.customers, args.seed)
+    result = measure(args.customers, args.seed, per_statement=bool(args.statements))
     minimal = result["minimal_cpu_ms"]
+    minimal_both = minimal + result["minimal_pg_cpu_ms"]
     rows = sorted(result["rows"], key=lambda r: (r["target"] != "pipeline", -r["cpu_ms"] * r["requests"]))
-    md = table(["target", "event type", "requests", "CPU ms/request", "x minimal", "SQL statements", "non-2xx"],
+    md = table(["target", "event type", "requests", "CPU ms/request", "x minimal", "PG CPU ms/request",
+                "web+PG x minimal", "SQL statements", "non-2xx"],
                [[r["target"], r["type"], r["requests"], f"{r['cpu_ms']:.3f}", f"{r['cpu_ms'] / minimal:.2f}",
+                 f"{r['pg_cpu_ms']:.3f}", f"{(r['cpu_ms'] + r['pg_cpu_ms']) / minimal_both:.2f}",
                  r["statements"], r["failed"]] for r in rows])
+    pipeline_both = result["pipeline_cpu_ms"] + result["pipeline_pg_cpu_ms"]
     summary = (f"pipeline, all types: {result['pipeline_cpu_ms']:.3f} ms/request = "
-               f"{result['pipeline_cpu_ms'] / minimal:.2f}x minimal ({minimal:.3f} ms); "
+               f"{result['pipeline_cpu_ms'] / minimal:.2f}x minimal ({minimal:.3f} ms); with PostgreSQL's CPU "
+               f"{pipeline_both:.3f} ms = {pipeline_both / minimal_both:.2f}x minimal ({minimal_both:.3f} ms); "
                f"bare {result['bare_cpu_ms']:.3f} ms")
+    if args.statements:
+        md += "\n### Costliest statements (total over the run; timing each adds its own overhead)\n\n" + table(
+            ["event", "count", "web ms", "PG ms", "statement"],
+            [[r["event"], r["count"], r["web_ms"], r["pg_ms"], r["sql"][:110]]
+             for r in result["statements"][: args.statements]])
     git = git_state()
     text = (f"# In-process CPU per request (`python -m bench.costs`)\n\n{time.strftime('%Y-%m-%dT%H:%M:%S%z')}, "
             f"commit {git.get('git_commit') or '?'}{' (dirty)' if git.get('git_dirty') else ''}, "

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import cache
+import threading
 from datetime import datetime, timedelta, timezone as dt_timezone
 from typing import Any
 
@@ -99,10 +100,36 @@ def rows(sql: str, params: Sequence = ()) -> list[tuple]:
         return cursor.fetchall()
 
 
-def execute(sql: str, params: Sequence = ()) -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(sql, _params(params))
-        return cursor.rowcount
+_queueing = threading.local()
+
+
+def execute(sql: str, params: Sequence = ()) -> None:
+    """Send a statement whose result nobody reads (in the inbox's pipeline: queued, not awaited)."""
+    _queueing.active = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, _params(params))
+    finally:
+        _queueing.active = False
+
+
+def only_queued_statements_wait(pipeline):
+    """An ``execute_wrapper`` for a psycopg pipeline: every statement but ``execute()``'s is synced.
+
+    In pipeline mode a statement's result (and its error, and its ``rowcount``) arrives only at
+    the next sync. This module's reads fetch at once anyway, and its writes read nothing back;
+    any other statement (the ORM's: ``save()`` checks ``rowcount``) is synced as soon as it is
+    sent, so it behaves exactly as it would outside a pipeline.
+    """
+
+    def wrapper(execute_, sql, params, many, context):
+        result = execute_(sql, params, many, context)
+        if not getattr(_queueing, "active", False):
+            with context["connection"].wrap_database_errors:
+                pipeline.sync()
+        return result
+
+    return wrapper
 
 
 def _history_user_id():
@@ -208,25 +235,38 @@ class Table:
         reason = reason[:HISTORY_REASON_MAX] if reason else None
         return sql, [timezone.now(), reason, history_type, _history_user_id()]
 
-    def _with_history(self, write_sql: str, params: list, history_type: str, reason: str | None) -> list[tuple]:
-        """Run ``write_sql`` (which ends ``RETURNING *``) and record a history row per row it returned."""
-        if self.history_table is None:
-            return rows(f"{write_sql[: -len('RETURNING *')]}RETURNING {self.cols()}", params)
+    def _write(self, write_sql: str, params: list, history_type: str, reason: str | None,
+               returning: bool) -> list[tuple] | None:
+        """Run ``write_sql`` (ending ``RETURNING *``) and record a history row per row it wrote.
+
+        With ``returning``, the rows written (``cols()`` order). Without, nothing is read back:
+        inside the inbox's pipeline (PostgreSQL) the statement is only queued, and goes to the
+        database together with the next read or the COMMIT.
+        """
+        plain = f"{write_sql[: -len('RETURNING *')]}RETURNING {self.cols()}"
         if is_postgresql():
+            if self.history_table is None:
+                if returning:
+                    return rows(plain, params)
+                execute(write_sql[: -len(" RETURNING *")], params)
+                return None
             history_sql, history_params = self._history_sql("written", history_type, reason)
-            return rows(
-                f"WITH written AS ({write_sql}), history AS ({history_sql}) SELECT {self.cols()} FROM written",
-                [*params, *history_params],
-            )
-        written = rows(f"{write_sql[: -len('RETURNING *')]}RETURNING {self.cols()}", params)
-        if written:
+            if returning:
+                return rows(
+                    f"WITH written AS ({write_sql}), history AS ({history_sql}) SELECT {self.cols()} FROM written",
+                    [*params, *history_params],
+                )
+            execute(f"WITH written AS ({write_sql}) {history_sql}", [*params, *history_params])
+            return None
+        written = rows(plain, params)
+        if written and self.history_table is not None:
             pk_index = self.attnames.index(self.pk.attname)
             pks = [row[pk_index] for row in written]
             history_sql, history_params = self._history_sql(
                 f"{self.name} WHERE {self.pk_column} IN ({', '.join(['%s'] * len(pks))})", history_type, reason
             )
             execute(history_sql, [*history_params, *pks])
-        return written
+        return written if returning else None
 
     def _insert_values(self, values: dict) -> tuple[list[str], list]:
         now = timezone.now()
@@ -250,9 +290,13 @@ class Table:
         return next(iter(self.insert_many([values], reason=reason, on_conflict=on_conflict)), None)
 
     def insert_many(
-        self, many: Iterable[dict], *, reason: str | None = None, on_conflict: Sequence[str] | None = None
+        self, many: Iterable[dict], *, reason: str | None = None, on_conflict: Sequence[str] | None = None,
+        returning: bool = True,
     ) -> list[models.Model]:
-        """Insert rows in one statement; the rows inserted (not those ``on_conflict`` skipped)."""
+        """Insert rows in one statement; the rows inserted (not those ``on_conflict`` skipped).
+
+        ``returning=False``: nothing is read back (``[]``), so nothing waits for the database.
+        """
         columns, groups, params = None, [], []
         for values in many:
             columns, row_params = self._insert_values(values)
@@ -265,27 +309,31 @@ class Table:
             target = ", ".join(self._quoted.get(c, c) for c in on_conflict)
             conflict = f" ON CONFLICT ({target}) DO NOTHING" if target else " ON CONFLICT DO NOTHING"
         sql = f"INSERT INTO {self.name} ({', '.join(columns)}) VALUES {', '.join(groups)}{conflict} RETURNING *"
-        return [self.load(row) for row in self._with_history(sql, params, CREATED, reason)]
+        written = self._write(sql, params, CREATED, reason, returning)
+        return [self.load(row) for row in written] if returning else []
 
-    def update(self, obj: models.Model, values: dict, *, reason: str | None = None, where: str = "",
-               params: Sequence = ()) -> bool:
-        """Write ``values`` to ``obj``'s row (and ``auto_now`` fields); False if no row matched.
+    def update(self, obj: models.Model, values: dict, *, reason: str | None = None) -> None:
+        """Write ``values`` (and ``auto_now`` fields) to ``obj``'s row, and to ``obj``.
 
-        ``obj`` is refreshed from the row as written (every column), so it reflects the database
-        even where another transaction changed other columns meanwhile.
+        Nothing is read back (the statement is queued in the inbox's pipeline): ``obj`` takes the
+        values written. Only the columns in ``values`` are written, so a concurrent writer of
+        other columns (refunds, receipts) is not overwritten, and the history row, made from
+        the row as the UPDATE left it, shows both.
         """
-        written = self.update_where(values, f"{self.pk_column} = %s" + (f" AND ({where})" if where else ""),
-                                    [obj.pk, *params], reason=reason, raw=True)
-        if not written:
-            return False
-        for name, value in zip(self.attnames, _values(self, written[0])):
+        now = timezone.now()
+        self.update_where(values, f"{self.pk_column} = %s", [obj.pk], reason=reason, now=now)
+        for name, value in values.items():
+            if isinstance(value, Expr):
+                raise TypeError("update() sets obj from the values: use update_where() for SQL expressions")
             setattr(obj, name, value)
-        return True
+        for name in self.auto_now:
+            if name not in values:
+                setattr(obj, name, now)
 
     def update_where(self, values: dict, where: str, params: Sequence = (), *, reason: str | None = None,
-                     raw: bool = False) -> list:
-        """``UPDATE ... WHERE where``; the rows written (instances, or raw rows with ``raw``)."""
-        now = timezone.now()
+                     returning: bool = False, now: datetime | None = None) -> list | None:
+        """``UPDATE ... WHERE where``; with ``returning``, the rows written (instances)."""
+        now = now or timezone.now()
         assignments, set_params = [], []
         for name, value in values.items():
             if isinstance(value, Expr):
@@ -299,30 +347,24 @@ class Table:
                 assignments.append(f"{self._quoted[name]} = %s")
                 set_params.append(now)
         sql = f"UPDATE {self.name} SET {', '.join(assignments)} WHERE {where} RETURNING *"
-        written = self._with_history(sql, [*set_params, *params], CHANGED, reason)
-        return written if raw else [self.load(row) for row in written]
+        written = self._write(sql, [*set_params, *params], CHANGED, reason, returning)
+        return [self.load(row) for row in written] if returning else None
 
-    def delete_where(self, where: str, params: Sequence = (), *, reason: str | None = None) -> int:
-        """``DELETE ... WHERE where`` with a ``-`` history row each; the number deleted."""
+    def delete_where(self, where: str, params: Sequence = (), *, reason: str | None = None) -> None:
+        """``DELETE ... WHERE where`` with a ``-`` history row each (nothing read back)."""
         params = list(params)
         if self.history_table is None:
-            return execute(f"DELETE FROM {self.name} WHERE {where}", params)
-        if is_postgresql():
+            execute(f"DELETE FROM {self.name} WHERE {where}", params)
+        elif is_postgresql():
             history_sql, history_params = self._history_sql("gone", DELETED, reason)
-            row = one(
-                f"WITH gone AS (DELETE FROM {self.name} WHERE {where} RETURNING *), history AS ({history_sql})"
-                f" SELECT count(*) FROM gone",
+            execute(
+                f"WITH gone AS (DELETE FROM {self.name} WHERE {where} RETURNING *) {history_sql}",
                 [*params, *history_params],
             )
-            return row[0]
-        history_sql, history_params = self._history_sql(f"{self.name} WHERE {where}", DELETED, reason)
-        execute(history_sql, [*history_params, *params])
-        return execute(f"DELETE FROM {self.name} WHERE {where}", params)
-
-
-def _values(table: Table, row: Sequence) -> list:
-    values = row[: len(table.fields)]
-    return list(values) if is_postgresql() else table._convert(values)
+        else:
+            history_sql, history_params = self._history_sql(f"{self.name} WHERE {where}", DELETED, reason)
+            execute(history_sql, [*history_params, *params])
+            execute(f"DELETE FROM {self.name} WHERE {where}", params)
 
 
 _tables: dict[type, Table] = {}
