@@ -100,13 +100,17 @@ def _apply(event: Event, path: str, raw_body: str | None) -> Outcome:
     A failure rolls everything back; the failure is then recorded in a transaction of its own.
     """
     started = time.perf_counter()
-    if raw_body is not None and _can_pipeline():
-        outcome = _apply_pipelined(event, path, raw_body)
-        if outcome is not None:
-            if outcome.status == Status.PROCESSED:
-                logger.info("stripe event %s %s processed in %.1f ms", event.id, event.type,
-                            (time.perf_counter() - started) * 1000)
-            return outcome
+    outcome = _apply_pipelined(event, path, raw_body) if raw_body is not None and _can_pipeline() else None
+    if outcome is None:
+        outcome = _apply_classic(event, path, raw_body)
+    if outcome.status == Status.PROCESSED:
+        logger.info("stripe event %s %s processed in %.1f ms", event.id, event.type,
+                    (time.perf_counter() - started) * 1000)
+    return outcome
+
+
+def _apply_classic(event: Event, path: str, raw_body: str | None) -> Outcome:
+    """One statement at a time; a row that exists is taken under its lock first."""
     handler_ran = False
     try:
         with transaction.atomic():
@@ -123,9 +127,6 @@ def _apply(event: Event, path: str, raw_body: str | None) -> Outcome:
         if not handler_ran:
             raise  # the inbox itself failed (database down): nothing stored, the view answers 503
         return _failed(event, raw_body, exc)
-    logger.info(
-        "stripe event %s %s processed in %.1f ms", event.id, event.type, (time.perf_counter() - started) * 1000
-    )
     return Outcome(event.id, Status.PROCESSED)
 
 
@@ -240,14 +241,6 @@ def _row(event: Event, raw_body: str, status: str, error: str | None) -> list:
     return values
 
 
-_INSERT_SQL = (
-    f"INSERT INTO {_TABLE} (id, type, api_version, livemode, created, object_id, payload, status,"
-    f" attempts, last_error, received_at, processed_at)"
-    f" VALUES (%s, %s, %s, %s, %s, %s, %s{{cast}}, %s, %s, '', %s, %s)"
-    f" ON CONFLICT (id) DO NOTHING RETURNING id"
-)
-
-
 def _insert(event: Event, raw_body: str, status: str) -> bool:
     """Insert the event's row unless it exists; True if this call created it."""
     with connection.cursor() as cursor:
@@ -256,7 +249,13 @@ def _insert(event: Event, raw_body: str, status: str) -> bool:
 
 
 def _insert_sql() -> str:
-    return _INSERT_SQL.replace("{cast}", "::jsonb" if connection.vendor == "postgresql" else "")
+    cast = "::jsonb" if connection.vendor == "postgresql" else ""
+    return (
+        f"INSERT INTO {_TABLE} (id, type, api_version, livemode, created, object_id, payload, status,"
+        f" attempts, last_error, received_at, processed_at)"
+        f" VALUES (%s, %s, %s, %s, %s, %s, %s{cast}, %s, %s, '', %s, %s)"
+        f" ON CONFLICT (id) DO NOTHING RETURNING id"
+    )
 
 
 def _lock(event_id: str) -> str:

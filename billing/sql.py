@@ -243,23 +243,21 @@ class Table:
         inside the inbox's pipeline (PostgreSQL) the statement is only queued, and goes to the
         database together with the next read or the COMMIT.
         """
-        plain = f"{write_sql[: -len('RETURNING *')]}RETURNING {self.cols()}"
-        if is_postgresql():
-            if self.history_table is None:
-                if returning:
-                    return rows(plain, params)
-                execute(write_sql[: -len(" RETURNING *")], params)
-                return None
+        bare = write_sql[: -len(" RETURNING *")]
+        if is_postgresql() and self.history_table is not None:
             history_sql, history_params = self._history_sql("written", history_type, reason)
-            if returning:
-                return rows(
-                    f"WITH written AS ({write_sql}), history AS ({history_sql}) SELECT {self.cols()} FROM written",
-                    [*params, *history_params],
-                )
-            execute(f"WITH written AS ({write_sql}) {history_sql}", [*params, *history_params])
+            if not returning:
+                execute(f"WITH written AS ({write_sql}) {history_sql}", [*params, *history_params])
+                return None
+            return rows(
+                f"WITH written AS ({write_sql}), history AS ({history_sql}) SELECT {self.cols()} FROM written",
+                [*params, *history_params],
+            )
+        if self.history_table is None and not returning:
+            execute(bare, params)
             return None
-        written = rows(plain, params)
-        if written and self.history_table is not None:
+        written = rows(f"{bare} RETURNING {self.cols()}", params)
+        if written and self.history_table is not None:  # SQLite: the history rows in a second statement
             pk_index = self.attnames.index(self.pk.attname)
             pks = [row[pk_index] for row in written]
             history_sql, history_params = self._history_sql(
@@ -290,13 +288,9 @@ class Table:
         return next(iter(self.insert_many([values], reason=reason, on_conflict=on_conflict)), None)
 
     def insert_many(
-        self, many: Iterable[dict], *, reason: str | None = None, on_conflict: Sequence[str] | None = None,
-        returning: bool = True,
+        self, many: Iterable[dict], *, reason: str | None = None, on_conflict: Sequence[str] | None = None
     ) -> list[models.Model]:
-        """Insert rows in one statement; the rows inserted (not those ``on_conflict`` skipped).
-
-        ``returning=False``: nothing is read back (``[]``), so nothing waits for the database.
-        """
+        """Insert rows in one statement; the rows inserted (not those ``on_conflict`` skipped)."""
         columns, groups, params = None, [], []
         for values in many:
             columns, row_params = self._insert_values(values)
@@ -309,8 +303,7 @@ class Table:
             target = ", ".join(self._quoted.get(c, c) for c in on_conflict)
             conflict = f" ON CONFLICT ({target}) DO NOTHING" if target else " ON CONFLICT DO NOTHING"
         sql = f"INSERT INTO {self.name} ({', '.join(columns)}) VALUES {', '.join(groups)}{conflict} RETURNING *"
-        written = self._write(sql, params, CREATED, reason, returning)
-        return [self.load(row) for row in written] if returning else []
+        return [self.load(row) for row in self._write(sql, params, CREATED, reason, returning=True)]
 
     def update(self, obj: models.Model, values: dict, *, reason: str | None = None) -> None:
         """Write ``values`` (and ``auto_now`` fields) to ``obj``'s row, and to ``obj``.
@@ -320,19 +313,19 @@ class Table:
         other columns (refunds, receipts) is not overwritten, and the history row, made from
         the row as the UPDATE left it, shows both.
         """
+        if any(isinstance(value, Expr) for value in values.values()):
+            raise TypeError("update() sets obj from the values: use update_where() for SQL expressions")
         now = timezone.now()
         self.update_where(values, f"{self.pk_column} = %s", [obj.pk], reason=reason, now=now)
         for name, value in values.items():
-            if isinstance(value, Expr):
-                raise TypeError("update() sets obj from the values: use update_where() for SQL expressions")
             setattr(obj, name, value)
         for name in self.auto_now:
             if name not in values:
                 setattr(obj, name, now)
 
     def update_where(self, values: dict, where: str, params: Sequence = (), *, reason: str | None = None,
-                     returning: bool = False, now: datetime | None = None) -> list | None:
-        """``UPDATE ... WHERE where``; with ``returning``, the rows written (instances)."""
+                     now: datetime | None = None) -> None:
+        """``UPDATE ... WHERE where`` with a ``~`` history row each (nothing read back)."""
         now = now or timezone.now()
         assignments, set_params = [], []
         for name, value in values.items():
@@ -347,8 +340,7 @@ class Table:
                 assignments.append(f"{self._quoted[name]} = %s")
                 set_params.append(now)
         sql = f"UPDATE {self.name} SET {', '.join(assignments)} WHERE {where} RETURNING *"
-        written = self._write(sql, [*set_params, *params], CHANGED, reason, returning)
-        return [self.load(row) for row in written] if returning else None
+        self._write(sql, [*set_params, *params], CHANGED, reason, returning=False)
 
     def delete_where(self, where: str, params: Sequence = (), *, reason: str | None = None) -> None:
         """``DELETE ... WHERE where`` with a ``-`` history row each (nothing read back)."""
