@@ -157,8 +157,14 @@ def _subscription_with_locked_account(stripe_id: str, customer_id: str, snap=Non
     same round trip also answers whether an entitlement of the snapshot's period has other
     seats than the snapshot's quantity (``sub._seats_differ``): only then is a seat change
     written.
+
+    The lock is a statement of its own, sent before the read: a statement reads the rows as
+    they were when it started, so a read that waited for the lock in the same statement would
+    see the subscription as it was *before* the writer it waited for committed (and an older
+    snapshot could then win). In the inbox's pipeline both go in one round trip all the same.
     """
     subs, accounts, entitlements = _t(Subscription), _t(Account), _t(Entitlement)
+    sql.execute(f"SELECT 1 FROM {accounts} WHERE stripe_customer_id = %s{sql.for_update()}", [customer_id])
     seats_differ, params = "NULL", []
     if snap is not None and snap.current_period_start is not None:
         seats_differ = (
@@ -169,7 +175,7 @@ def _subscription_with_locked_account(stripe_id: str, customer_id: str, snap=Non
     row = sql.one(
         f"SELECT {subs.cols('s')}, {accounts.cols('a')}, {seats_differ} FROM {subs} s"
         f" JOIN {accounts} a ON a.id = s.account_id"
-        f" WHERE s.stripe_id = %s AND a.stripe_customer_id = %s{sql.for_update('a')}",
+        f" WHERE s.stripe_id = %s AND a.stripe_customer_id = %s",
         [*params, stripe_id, customer_id],
     )
     if row is None:

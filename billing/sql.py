@@ -66,12 +66,14 @@ def _params(params: Sequence) -> Sequence:
     return params if is_postgresql() else [adapt(p) for p in params]
 
 
-def for_update(of: str | None = None) -> str:
-    """The row-lock clause, or nothing where the database has no row locks (SQLite)."""
+def for_update() -> str:
+    """The row-lock clause, or nothing where the database has no row locks (SQLite).
+
+    Lock in a statement of its own, before reading what the lock protects: a statement sees
+    rows as they were when it started, even if it then waited for the lock.
+    """
     if not connection.features.has_select_for_update:
         return ""
-    if of and connection.features.has_select_for_update_of:
-        return f" FOR UPDATE OF {of}"
     return " FOR UPDATE"
 
 

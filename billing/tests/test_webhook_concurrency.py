@@ -209,3 +209,72 @@ def test_concurrent_deliveries_of_a_failing_event_apply_nothing_and_count_every_
     assert Entitlement.objects.filter(kind=Entitlement.Kind.PAID).count() == 1
     assert list(OwedEmail.objects.values_list("key", flat=True)) == ["receipt:in_race_early"]
     assert len(mail.outbox) == 1
+
+
+def _backends_waiting_for_a_lock(conn) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    ).fetchone()
+    return row[0]
+
+
+def _wait_for_waiters(conn, count: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while _backends_waiting_for_a_lock(conn) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} deliveries ever waited for the account's lock"
+        time.sleep(0.02)
+
+
+def test_an_older_snapshot_that_waited_for_the_lock_never_overwrites_a_newer_one(webhook_url):
+    """Two updates of one subscription race; the newer commits while the older waits for the lock.
+
+    The older one must read the subscription *after* it holds the account's lock, or it would
+    compare itself with the watermark it saw before the newer one committed, and win. The race
+    is made certain: an outside transaction holds the account's lock while the newer delivery,
+    then the older one, queue up behind it (PostgreSQL grants a row lock first come, first served).
+    """
+    import psycopg
+    from django.db import connection
+
+    sub_id, customer = "sub_race_order", "cus_race_order"
+    created = subscription_event(
+        "customer.subscription.created", active_subscription(sub_id, customer), created=T0, event_id="evt_ro_0"
+    )
+    assert post_all_at_once(webhook_url, [created])[0][0] == 200
+    newer = subscription_event(
+        "customer.subscription.updated", active_subscription(sub_id, customer, quantity=5),
+        created=T0 + 200, event_id="evt_ro_newer",
+    )
+    older = subscription_event(
+        "customer.subscription.updated", active_subscription(sub_id, customer, quantity=3),
+        created=T0 + 100, event_id="evt_ro_older",
+    )
+    settings = connection.settings_dict
+    conninfo = psycopg.conninfo.make_conninfo(
+        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"] or None,
+        port=settings["PORT"] or None, password=settings["PASSWORD"] or None,
+    )
+    answers: dict[str, int] = {}
+
+    def post(payload: dict) -> None:
+        answers[payload["id"]] = post_all_at_once(webhook_url, [payload])[0][0]
+
+    with psycopg.connect(conninfo, autocommit=True) as watcher, psycopg.connect(conninfo) as blocker:
+        blocker.execute("SELECT 1 FROM provisioning_account WHERE stripe_customer_id = %s FOR UPDATE", [customer])
+        first = threading.Thread(target=post, args=(newer,))
+        first.start()
+        _wait_for_waiters(watcher, 1)
+        second = threading.Thread(target=post, args=(older,))
+        second.start()
+        _wait_for_waiters(watcher, 2)
+        blocker.commit()
+        first.join(timeout=60)
+        second.join(timeout=60)
+
+    assert answers == {"evt_ro_newer": 200, "evt_ro_older": 200}
+    newer_row, older_row = (StripeEvent.objects.get(pk=e["id"]) for e in (newer, older))
+    assert newer_row.processed_at < older_row.processed_at  # the race went as staged
+    subscription = Subscription.objects.get()
+    assert (subscription.quantity, subscription.last_event_id) == (5, "evt_ro_newer")
