@@ -48,7 +48,7 @@ def _environ(path: str, body: bytes, header: str) -> dict:
     }
 
 
-def measure(customers: int, seed: int, per_statement: bool = False) -> dict:
+def measure(customers: int, seed: int, per_statement: bool = False, profiler=None, profile_types=()) -> dict:
     import django
 
     os.environ.update(server_env())
@@ -121,7 +121,13 @@ def measure(customers: int, seed: int, per_statement: bool = False) -> dict:
             for target, path in (("bare", "/bench/bare/"), ("minimal", "/bench/minimal/"),
                                  ("pipeline", "/billing/stripe/webhook/")):
                 current[0] = event["type"] if target == "pipeline" else target
+                profiled = profiler is not None and target == "pipeline" and (
+                    "*" in profile_types or event["type"] in profile_types)
+                if profiled:
+                    profiler.start()
                 seconds, pg_seconds, statements_sent, status = call(path, body)
+                if profiled:
+                    profiler.stop()
                 key = (target, event["type"] if target == "pipeline" else "*")
                 cpu[key] += seconds
                 pg[key] += pg_seconds
@@ -158,10 +164,26 @@ def main(argv=None) -> int:
     p.add_argument("--no-create", action="store_true", help="reuse billing_bench as it is")
     p.add_argument("--statements", type=int, default=0, metavar="N",
                    help="also time each SQL statement (web and PostgreSQL CPU) and list the N costliest")
+    p.add_argument("--profile", metavar="TYPES", default="",
+                   help="profile the pipeline's requests of these event types (comma-separated, * for all) with"
+                        " pyinstrument; writes bench/results/costs-profile.txt (figures are then not comparable)")
     args = p.parse_args(argv)
     if not args.no_create:
         create_database(log)
-    result = measure(args.customers, args.seed, per_statement=bool(args.statements))
+    profiler = None
+    if args.profile:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.0002)
+    result = measure(args.customers, args.seed, per_statement=bool(args.statements), profiler=profiler,
+                     profile_types=tuple(args.profile.split(",")) if args.profile else ())
+    if profiler is not None:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "costs-profile.txt").write_text(
+            profiler.output_text(unicode=True, show_all=False, timeline=False)
+            + "\n\nBy own time:\n" + profiler.output_text(unicode=True, flat=True))
+        print(f"profile of {args.profile}: {RESULTS / 'costs-profile.txt'}")
+        return 0
     minimal = result["minimal_cpu_ms"]
     minimal_both = minimal + result["minimal_pg_cpu_ms"]
     rows = sorted(result["rows"], key=lambda r: (r["target"] != "pipeline", -r["cpu_ms"] * r["requests"]))
@@ -176,9 +198,7 @@ def main(argv=None) -> int:
                f"{pipeline_both:.3f} ms = {pipeline_both / minimal_both:.2f}x minimal ({minimal_both:.3f} ms); "
                f"bare {result['bare_cpu_ms']:.3f} ms")
     if args.statements:
-        md += ("\n### Costliest statements (total over the run; timing each adds its own overhead)\n\n"
-               "On PostgreSQL a first delivery runs in pipeline mode: a write is only queued, and its"
-               " PostgreSQL time shows on the next statement that waits for the database.\n\n") + table(
+        md += "\n### Costliest statements (total over the run; timing each adds its own overhead)\n\n" + table(
             ["event", "count", "web ms", "PG ms", "statement"],
             [[r["event"], r["count"], r["web_ms"], r["pg_ms"], r["sql"][:110]]
              for r in result["statements"][: args.statements]])

@@ -67,7 +67,7 @@ def on_invoice_changed(event: Event) -> None:
 @handles("invoice.paid")
 def on_invoice_paid(event: Event) -> None:
     """Mark paid; process its renewal exactly once; owe the receipt exactly once."""
-    invoice, _ = mirror_invoice(event)
+    invoice, _ = mirror_invoice(event, whole_subscription=True)
     attach_waiting_payments(invoice)
     settle_paid_invoice(invoice)
 

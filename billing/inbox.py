@@ -17,16 +17,15 @@ signature and the envelope):
    ``FOR UPDATE``, runs the handler and marks it ``processed``.
 
 On the common path an event costs the inbox one INSERT and the COMMIT: no savepoint, no
-UPDATE (``make bench`` measures it against a minimal webhook). On PostgreSQL the first
-delivery of an event also runs in psycopg's pipeline mode (``_apply_pipelined``): the INSERT,
-the handler's reads and its writes travel in a few round trips instead of one per statement.
+UPDATE (``make bench`` measures it against a minimal webhook). (psycopg's pipeline mode was
+tried for the first delivery and removed: it cost the web process more CPU than it saved
+PostgreSQL, docs/decisions/0005-webhook-hot-path-sql.rst.)
 
 Unknown event types are stored ``ignored`` without a transaction of their own.
 See docs/decisions/0002-inbox-and-ordering.rst for the alternatives this replaced.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import traceback
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import registry, sql
+from . import registry
 from .models import StripeEvent
 from .stripe_payloads import Event, PayloadError
 
@@ -100,17 +99,15 @@ def _apply(event: Event, path: str, raw_body: str | None) -> Outcome:
     A failure rolls everything back; the failure is then recorded in a transaction of its own.
     """
     started = time.perf_counter()
-    outcome = _apply_pipelined(event, path, raw_body) if raw_body is not None and _can_pipeline() else None
-    if outcome is None:
-        outcome = _apply_classic(event, path, raw_body)
+    outcome = _run_handler(event, path, raw_body)
     if outcome.status == Status.PROCESSED:
         logger.info("stripe event %s %s processed in %.1f ms", event.id, event.type,
                     (time.perf_counter() - started) * 1000)
     return outcome
 
 
-def _apply_classic(event: Event, path: str, raw_body: str | None) -> Outcome:
-    """One statement at a time; a row that exists is taken under its lock first."""
+def _run_handler(event: Event, path: str, raw_body: str | None) -> Outcome:
+    """Insert the row (first delivery) or take the existing one under its lock, then handle."""
     handler_ran = False
     try:
         with transaction.atomic():
@@ -126,72 +123,6 @@ def _apply_classic(event: Event, path: str, raw_body: str | None) -> Outcome:
     except Exception as exc:  # noqa: BLE001 - every handler failure is recorded, then answered 500
         if not handler_ran:
             raise  # the inbox itself failed (database down): nothing stored, the view answers 503
-        return _failed(event, raw_body, exc)
-    return Outcome(event.id, Status.PROCESSED)
-
-
-class _NotFirstDelivery(Exception):
-    """The event's row already existed: a duplicate, or a retry of a failed event."""
-
-
-def _can_pipeline() -> bool:
-    return connection.vendor == "postgresql" and _pipeline_supported()
-
-
-@functools.cache
-def _pipeline_supported() -> bool:
-    import psycopg
-
-    return psycopg.Pipeline.is_supported()
-
-
-def _apply_pipelined(event: Event, path: str, raw_body: str) -> Outcome | None:
-    """The first delivery of an event, in three round trips to PostgreSQL; None: not that case.
-
-    In psycopg's pipeline mode a statement whose result nobody reads yet is only queued. So the
-    BEGIN and the inbox's INSERT go to the database together with the handler's first read,
-    the handler's writes (``billing.sql`` reads nothing back from them) together with the check
-    that the INSERT created the row, and the COMMIT alone. The classic path spends a round trip
-    on each statement; PostgreSQL's CPU per event is mostly the cost of being woken up for each.
-
-    The handler runs before the inbox knows whether this is the first delivery. If it is not
-    (the row existed: a duplicate, or a retry of a failed event, which must be taken under the
-    row's lock), everything is rolled back and None sends the event down the classic path,
-    which decides under the lock; that costs a duplicate one wasted handler run. A handler that
-    fails on a first delivery is recorded as the classic path records it; an error of the
-    database itself leaves the decision to the classic path too.
-    """
-    handler = registry.resolve(path)
-    connection.ensure_connection()
-    failure: Exception | None = None
-    try:
-        # The pipeline ends before the COMMIT, so that on_commit work (e-mail tasks) runs as usual.
-        with transaction.atomic():
-            with connection.connection.pipeline() as pipeline, \
-                    connection.execute_wrapper(sql.only_queued_statements_wait(pipeline)):
-                cursor = connection.cursor()
-                try:
-                    cursor.execute(_insert_sql(), _row(event, raw_body, Status.PROCESSED, error=None))
-                    try:
-                        handler(event)
-                    except Exception as exc:  # noqa: BLE001 - recorded below if this was the first delivery
-                        failure = exc
-                    created = cursor.fetchone() is not None
-                finally:
-                    cursor.close()
-                if not created:
-                    raise _NotFirstDelivery(event.id)
-                if failure is not None:
-                    raise failure
-                with connection.wrap_database_errors:
-                    pipeline.sync()  # the handler's last writes: an error in one surfaces here
-    except _NotFirstDelivery:
-        return None
-    except Exception as exc:  # noqa: BLE001 - every handler failure is recorded, then answered 500
-        if exc is not failure:
-            # The database refused a write, or is gone: let the classic path find out and answer.
-            logger.debug("stripe event %s: pipelined attempt failed (%s)", event.id, type(exc).__name__)
-            return None
         return _failed(event, raw_body, exc)
     return Outcome(event.id, Status.PROCESSED)
 

@@ -161,7 +161,7 @@ def _subscription_with_locked_account(stripe_id: str, customer_id: str, snap=Non
     The lock is a statement of its own, sent before the read: a statement reads the rows as
     they were when it started, so a read that waited for the lock in the same statement would
     see the subscription as it was *before* the writer it waited for committed (and an older
-    snapshot could then win). In the inbox's pipeline both go in one round trip all the same.
+    snapshot could then win).
     """
     subs, accounts, entitlements = _t(Subscription), _t(Account), _t(Entitlement)
     sql.execute(f"SELECT 1 FROM {accounts} WHERE stripe_customer_id = %s{sql.for_update()}", [customer_id])
@@ -257,7 +257,7 @@ def sync_subscription(sub: Subscription) -> None:
             seats=_seats_for_period(sub, sub.trial_start, sub.quantity),
         )
         if not sub.ended_at or sub.ended_at > sub.trial_end:
-            ensure_renewal(sub, sub.trial_end)
+            ensure_renewal(sub, sub.trial_end, need_row=False)
     if sub.ended_at:
         _end_subscription(sub)
 
@@ -280,34 +280,58 @@ def _end_subscription(sub: Subscription) -> None:
 # --- Renewals ------------------------------------------------------------------------------
 
 
-def ensure_renewal(sub: Subscription, effective_date: datetime) -> Renewal:
-    """The renewal of ``sub`` effective at ``effective_date`` (by the matching rule), created if absent."""
-    renewals = _t(Renewal)
+def ensure_renewal(sub: Subscription, effective_date: datetime, *, need_row: bool = True) -> Renewal | None:
+    """The renewal of ``sub`` effective at ``effective_date`` (by the matching rule), created if absent.
+
+    One read answers both "is there such a renewal?" and "is there an unlinked invoice of that
+    day it could be linked to?". A renewal planned ahead (``need_row=False``: the caller does
+    not use it) whose invoice has not arrived is then inserted without reading it back; None.
+    """
+    renewals, invoices = _t(Renewal), _t(Invoice)
     start, end = sql.utc_day(effective_date)
-    candidates = renewals.filter(
-        "subscription_id = %s AND effective_date >= %s AND effective_date < %s", [sub.pk, start, end]
+    found = sql.rows(
+        f"SELECT {renewals.cols('r')}, x.invoice_waiting FROM (SELECT EXISTS (SELECT 1 FROM {invoices} i"
+        f" WHERE {_unlinked_invoices_of_the_day('i')}) AS invoice_waiting) AS x"
+        f" LEFT JOIN {renewals} r ON r.subscription_id = %s AND r.effective_date >= %s AND r.effective_date < %s",
+        [sub.pk, start, end, sub.pk, start, end],
     )
+    pk_index = renewals.attnames.index("id")
+    candidates = [renewals.load(row) for row in found if row[pk_index] is not None]
     renewal = matching.pick_by_instant(((r.effective_date, r) for r in candidates), effective_date)
     if renewal is not None:
         return renewal
-    renewal = renewals.insert(
-        {"subscription_id": sub.pk, "effective_date": effective_date}, on_conflict=["subscription_id", "effective_date"]
-    )
+    values = {"subscription_id": sub.pk, "effective_date": effective_date}
+    conflict = ["subscription_id", "effective_date"]
+    invoice_waiting = bool(found[0][-1])
+    if not need_row and not invoice_waiting:
+        renewals.insert_many([values], on_conflict=conflict, returning=False)
+        return None
+    renewal = renewals.insert(values, on_conflict=conflict)
     if renewal is None:  # created meanwhile by a writer that did not hold the account's lock
         return renewals.get("subscription_id = %s AND effective_date = %s", [sub.pk, effective_date])
-    link_renewal_to_invoice(renewal)
+    if invoice_waiting:
+        link_renewal_to_invoice(renewal)
     return renewal
+
+
+def _unlinked_invoices_of_the_day(alias: str) -> str:
+    """Invoices of a subscription whose service period starts on a UTC day, linked to no renewal.
+
+    Parameters: the subscription's id, the day's start and end.
+    """
+    renewals = _t(Renewal)
+    return (
+        f"{alias}.subscription_id = %s AND {alias}.period_start >= %s AND {alias}.period_start < %s AND NOT EXISTS"
+        f" (SELECT 1 FROM {renewals} lr WHERE lr.subscription_id = {alias}.subscription_id"
+        f" AND lr.stripe_invoice_id = {alias}.stripe_id)"
+    )
 
 
 def link_renewal_to_invoice(renewal: Renewal) -> None:
     """Link a new renewal to an invoice that arrived before it (same rule, seen from the renewal)."""
     invoices, renewals = _t(Invoice), _t(Renewal)
     start, end = sql.utc_day(renewal.effective_date)
-    candidates = invoices.filter(
-        f"subscription_id = %s AND period_start >= %s AND period_start < %s AND NOT EXISTS (SELECT 1 FROM"
-        f" {renewals} r WHERE r.subscription_id = {invoices}.subscription_id AND r.stripe_invoice_id = {invoices}.stripe_id)",
-        [renewal.subscription_id, start, end],
-    )
+    candidates = invoices.filter(_unlinked_invoices_of_the_day(str(invoices)), [renewal.subscription_id, start, end])
     invoice = matching.pick_by_instant(((i.period_start, i) for i in candidates), renewal.effective_date)
     if invoice is not None:
         renewals.update(renewal, {"stripe_invoice_id": invoice.stripe_id}, reason=f"linked to {invoice.stripe_id}")
@@ -362,30 +386,44 @@ def _grant_paid_period(sub: Subscription, invoice: Invoice) -> None:
         stripe_invoice_id=invoice.stripe_id,
     )
     if not sub.ended_at or sub.ended_at > invoice.period_end:
-        ensure_renewal(sub, invoice.period_end)
+        ensure_renewal(sub, invoice.period_end, need_row=False)
     if sub.ended_at:
         _end_subscription(sub)
 
 
 def _relink_renewal_entitlements(sub: Subscription) -> None:
-    """Each processed renewal moves from the window before it to the paid window it starts."""
-    entitlements = _t(Entitlement).filter("stripe_subscription_id = %s", [sub.stripe_id], order_by="starts_at, id")
-    renewals = _t(Renewal)
-    for renewal in renewals.filter("subscription_id = %s AND processed_at IS NOT NULL", [sub.pk]):
-        before = [e for e in entitlements if e.starts_at < renewal.effective_date]
-        from_id = before[-1].pk if before else None
-        to_id = next(
-            (e.pk for e in entitlements if e.kind == Entitlement.Kind.PAID and e.starts_at == renewal.effective_date),
-            None,
-        )
-        if (renewal.from_entitlement_id, renewal.to_entitlement_id) != (from_id, to_id):
-            renewals.update(renewal, {"from_entitlement_id": from_id, "to_entitlement_id": to_id})
+    """Each processed renewal moves from the window before it to the paid window it starts.
+
+    "The window before it": the subscription's entitlement that starts last before the
+    renewal's date (the later-created on a tie); "the paid window it starts": the first paid
+    entitlement starting at that date. One UPDATE, nothing read back; only renewals whose
+    links change are written (and get a history row).
+    """
+    renewals, entitlements = _t(Renewal), _t(Entitlement)
+    from_sql = (
+        f"(SELECT e.id FROM {entitlements} e WHERE e.stripe_subscription_id = %s"
+        f" AND e.starts_at < {renewals}.effective_date ORDER BY e.starts_at DESC, e.id DESC LIMIT 1)"
+    )
+    to_sql = (
+        f"(SELECT e.id FROM {entitlements} e WHERE e.stripe_subscription_id = %s AND e.kind = %s"
+        f" AND e.starts_at = {renewals}.effective_date ORDER BY e.id LIMIT 1)"
+    )
+    from_params, to_params = [sub.stripe_id], [sub.stripe_id, Entitlement.Kind.PAID]
+    renewals.update_where(
+        {"from_entitlement_id": sql.Expr(from_sql, from_params), "to_entitlement_id": sql.Expr(to_sql, to_params)},
+        f"subscription_id = %s AND processed_at IS NOT NULL AND (COALESCE(from_entitlement_id, 0) <>"
+        f" COALESCE({from_sql}, 0) OR COALESCE(to_entitlement_id, 0) <> COALESCE({to_sql}, 0))",
+        [sub.pk, *from_params, *to_params],
+    )
 
 
 def process_renewal(renewal: Renewal, invoice: Invoice, sub: Subscription) -> bool:
-    """Grant the period ``invoice`` paid for through ``renewal``, exactly once."""
+    """Grant the period ``invoice`` paid for through ``renewal``, exactly once.
+
+    ``renewal`` was read under the account's lock, which every writer of ``processed_at``
+    holds: what it says is current.
+    """
     renewals = _t(Renewal)
-    renewal = renewals.get("id = %s", [renewal.pk], lock=True)
     if renewal.processed_at is not None:
         return False
     _grant_paid_period(sub, invoice)
@@ -423,11 +461,49 @@ def _invoice_and_subscription_id(stripe_id: str, subscription_stripe_id: str) ->
     return invoice, row[0]
 
 
-def mirror_invoice(event: Event) -> tuple[Invoice, bool]:
-    """Mirror the invoice snapshot of ``event``; (row, whether the snapshot was applied)."""
+def _invoice_with_locked_account(snap: InvoiceSnapshot, whole_subscription: bool):
+    """Lock the customer's account, then read it, the invoice, its subscription and whether
+    refunds wait for the invoice, in one statement after the lock's.
+
+    (account or None if never seen, invoice or None, subscription id or None, subscription
+    row or None, payments waiting). The subscription row only with ``whole_subscription``.
+    """
+    accounts, invoices, subs, payments = _t(Account), _t(Invoice), _t(Subscription), _t(Payment)
+    sql.execute(f"SELECT 1 FROM {accounts} WHERE stripe_customer_id = %s{sql.for_update()}",
+                [snap.customer.customer_id])
+    sub_cols = subs.cols("s") if whole_subscription else "s.id"
+    row = sql.one(
+        f"SELECT EXISTS (SELECT 1 FROM {payments} p WHERE p.stripe_invoice_id = %s AND p.invoice_id IS NULL),"
+        f" {accounts.cols('a')}, {sub_cols}, {invoices.cols('i')} FROM (SELECT 1 AS one) AS x"
+        f" LEFT JOIN {accounts} a ON a.stripe_customer_id = %s"
+        f" LEFT JOIN {subs} s ON s.stripe_id = %s"
+        f" LEFT JOIN {invoices} i ON i.stripe_id = %s",
+        [snap.stripe_id, snap.customer.customer_id, snap.subscription_id, snap.stripe_id],
+    )
+    offset = 1
+    account = accounts.load(row, offset) if row[offset + accounts.attnames.index("id")] is not None else None
+    offset += accounts.width
+    sub_id = row[offset + (subs.attnames.index("id") if whole_subscription else 0)]
+    sub = subs.load(row, offset) if whole_subscription and sub_id is not None else None
+    offset += subs.width if whole_subscription else 1
+    invoice = invoices.load(row, offset) if row[offset + invoices.attnames.index("id")] is not None else None
+    return account, invoice, sub_id, sub, bool(row[0])
+
+
+def mirror_invoice(event: Event, *, whole_subscription: bool = False) -> tuple[Invoice, bool]:
+    """Mirror the invoice snapshot of ``event``; (row, whether the snapshot was applied).
+
+    With ``whole_subscription``, the invoice's subscription (if mirrored) comes cached on it
+    (``invoice.subscription``), read in the same round trip.
+    """
     snap = read_invoice(event.obj)
-    account = account_for(snap.customer)
-    invoice, sub_id = _invoice_and_subscription_id(snap.stripe_id, snap.subscription_id)
+    account, invoice, sub_id, sub, payments_waiting = _invoice_with_locked_account(snap, whole_subscription)
+    if account is None:  # a customer never seen: create its account, then read again under its lock
+        account = account_for(snap.customer)
+        invoice, sub_id = _invoice_and_subscription_id(snap.stripe_id, snap.subscription_id)
+        sub, payments_waiting = None, True
+    else:
+        provisioning.learn_customer_details(account, snap.customer.name, snap.customer.email)
     line = snap.subscription_line
     values = {
         "subscription_id": sub_id,
@@ -463,6 +539,7 @@ def mirror_invoice(event: Event) -> tuple[Invoice, bool]:
         )
         if invoice is not None:
             sql.attach(invoice, "account", account)
+            _remember(invoice, sub, payments_waiting)
             _write_lines(invoice, snap, replace=False)
             return invoice, True
         # Mirrored meanwhile by a writer that did not hold the account's lock (an operator's
@@ -471,6 +548,7 @@ def mirror_invoice(event: Event) -> tuple[Invoice, bool]:
     if invoice.account_id == account.pk:
         sql.attach(invoice, "account", account)
     if _older_than_stored(invoice, event) or _status_moves_backwards(invoice.status, snap.status):
+        _remember(invoice, sub, payments_waiting)
         return invoice, False
     if sub_id is None:
         values["subscription_id"] = invoice.subscription_id  # never forget a known subscription
@@ -479,7 +557,15 @@ def mirror_invoice(event: Event) -> tuple[Invoice, bool]:
     _save_changes(invoice, values, event, event.type)
     if was_draft:
         _write_lines(invoice, snap, replace=True)  # lines only change while the invoice is a draft
+    _remember(invoice, sub, payments_waiting)
     return invoice, True
+
+
+def _remember(invoice: Invoice, sub: Subscription | None, payments_waiting: bool) -> None:
+    """Keep what the first read learnt on the invoice, for the rest of the handler."""
+    if sub is not None and invoice.subscription_id == sub.pk:
+        sql.attach(invoice, "subscription", sub)
+    invoice._payments_waiting = payments_waiting
 
 
 def _write_lines(invoice: Invoice, snap: InvoiceSnapshot, replace: bool) -> None:
@@ -512,6 +598,7 @@ def _write_lines(invoice: Invoice, snap: InvoiceSnapshot, replace: bool) -> None
             for line in snap.lines
         ),
         reason="invoice snapshot",
+        returning=False,
     )
 
 
@@ -528,7 +615,12 @@ def settle_paid_invoice(invoice: Invoice) -> None:
             f"invoice {invoice.stripe_id} pays for subscription {invoice.stripe_subscription_id}, not known yet"
         )
     if invoice.subscription_id is not None and invoice.period_start and invoice.period_end:
-        sub = _t(Subscription).get("id = %s", [invoice.subscription_id], lock=True)
+        # Read under the account's lock (by mirror_invoice, or here), which its writers hold.
+        subscription_field = Invoice._meta.get_field("subscription")
+        if subscription_field.is_cached(invoice):
+            sub = invoice.subscription
+        else:
+            sub = _t(Subscription).get("id = %s", [invoice.subscription_id])
         if _is_trial_invoice(sub, invoice):
             pass  # the trial's own $0 invoice: the trial entitlement already covers it
         elif invoice.billing_reason == "subscription_create":
@@ -724,5 +816,7 @@ def _ask_stripe_for_invoice(payment_intent_id: str) -> None:
 
 def attach_waiting_payments(invoice: Invoice) -> None:
     """Refunds that arrived before their invoice: attach them now."""
+    if not getattr(invoice, "_payments_waiting", True):
+        return  # mirror_invoice's read, earlier in this transaction, found none
     for payment in _t(Payment).filter("stripe_invoice_id = %s AND invoice_id IS NULL", [invoice.stripe_id]):
         recompute_refunded(payment)

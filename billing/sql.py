@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import cache
-import threading
 from datetime import datetime, timedelta, timezone as dt_timezone
 from typing import Any
 
@@ -102,36 +101,10 @@ def rows(sql: str, params: Sequence = ()) -> list[tuple]:
         return cursor.fetchall()
 
 
-_queueing = threading.local()
-
-
 def execute(sql: str, params: Sequence = ()) -> None:
-    """Send a statement whose result nobody reads (in the inbox's pipeline: queued, not awaited)."""
-    _queueing.active = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql, _params(params))
-    finally:
-        _queueing.active = False
-
-
-def only_queued_statements_wait(pipeline):
-    """An ``execute_wrapper`` for a psycopg pipeline: every statement but ``execute()``'s is synced.
-
-    In pipeline mode a statement's result (and its error, and its ``rowcount``) arrives only at
-    the next sync. This module's reads fetch at once anyway, and its writes read nothing back;
-    any other statement (the ORM's: ``save()`` checks ``rowcount``) is synced as soon as it is
-    sent, so it behaves exactly as it would outside a pipeline.
-    """
-
-    def wrapper(execute_, sql, params, many, context):
-        result = execute_(sql, params, many, context)
-        if not getattr(_queueing, "active", False):
-            with context["connection"].wrap_database_errors:
-                pipeline.sync()
-        return result
-
-    return wrapper
+    """Send a statement whose result nobody reads."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, _params(params))
 
 
 def _history_user_id():
@@ -241,9 +214,8 @@ class Table:
                returning: bool) -> list[tuple] | None:
         """Run ``write_sql`` (ending ``RETURNING *``) and record a history row per row it wrote.
 
-        With ``returning``, the rows written (``cols()`` order). Without, nothing is read back:
-        inside the inbox's pipeline (PostgreSQL) the statement is only queued, and goes to the
-        database together with the next read or the COMMIT.
+        With ``returning``, the rows written (``cols()`` order). Without, nothing is read back
+        (no rows to send, convert and load).
         """
         bare = write_sql[: -len(" RETURNING *")]
         if is_postgresql() and self.history_table is not None:
@@ -290,9 +262,13 @@ class Table:
         return next(iter(self.insert_many([values], reason=reason, on_conflict=on_conflict)), None)
 
     def insert_many(
-        self, many: Iterable[dict], *, reason: str | None = None, on_conflict: Sequence[str] | None = None
+        self, many: Iterable[dict], *, reason: str | None = None, on_conflict: Sequence[str] | None = None,
+        returning: bool = True,
     ) -> list[models.Model]:
-        """Insert rows in one statement; the rows inserted (not those ``on_conflict`` skipped)."""
+        """Insert rows in one statement; the rows inserted (not those ``on_conflict`` skipped).
+
+        ``returning=False`` reads nothing back and returns [].
+        """
         columns, groups, params = None, [], []
         for values in many:
             columns, row_params = self._insert_values(values)
@@ -305,12 +281,15 @@ class Table:
             target = ", ".join(self._quoted.get(c, c) for c in on_conflict)
             conflict = f" ON CONFLICT ({target}) DO NOTHING" if target else " ON CONFLICT DO NOTHING"
         sql = f"INSERT INTO {self.name} ({', '.join(columns)}) VALUES {', '.join(groups)}{conflict} RETURNING *"
+        if not returning:
+            self._write(sql, params, CREATED, reason, returning=False)
+            return []
         return [self.load(row) for row in self._write(sql, params, CREATED, reason, returning=True)]
 
     def update(self, obj: models.Model, values: dict, *, reason: str | None = None) -> None:
         """Write ``values`` (and ``auto_now`` fields) to ``obj``'s row, and to ``obj``.
 
-        Nothing is read back (the statement is queued in the inbox's pipeline): ``obj`` takes the
+        Nothing is read back: ``obj`` takes the
         values written. Only the columns in ``values`` are written, so a concurrent writer of
         other columns (refunds, receipts) is not overwritten, and the history row, made from
         the row as the UPDATE left it, shows both.

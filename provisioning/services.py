@@ -67,14 +67,14 @@ def grant_entitlement(
     expires_at: datetime,
     seats: int,
     stripe_invoice_id: str = "",
-) -> tuple[Entitlement, bool]:
+) -> None:
     """The entitlement for one window of a subscription; created once (unique window).
 
-    (entitlement, created). Concurrent grants of one window: the unique constraint makes the
-    second skip its INSERT and return the first's row.
+    A window granted already is left as it is (the unique constraint makes the INSERT skip).
+    Nothing is read back.
     """
-    entitlements = sql.table(Entitlement)
-    entitlement = entitlements.insert(
+    sql.table(Entitlement).insert_many(
+        [
         {
             "account_id": account_id,
             "kind": kind,
@@ -83,15 +83,10 @@ def grant_entitlement(
             "expires_at": max(expires_at, starts_at),
             "seats": max(seats, 0),
             "stripe_invoice_id": stripe_invoice_id,
-        },
+        }],
         on_conflict=["stripe_subscription_id", "kind", "starts_at"],
+        returning=False,
     )
-    if entitlement is not None:
-        return entitlement, True
-    existing = entitlements.get(
-        "stripe_subscription_id = %s AND kind = %s AND starts_at = %s", [stripe_subscription_id, kind, starts_at]
-    )
-    return existing, False
 
 
 def update_entitlement(entitlement: Entitlement, *, reason: str, **fields) -> bool:
