@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 
+import orjson
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.db.models import Q
 
@@ -333,13 +334,25 @@ def service_period_start(invoice_object, subscription_stripe_id: str) -> datetim
     return _service_period_start(_invoice_object(invoice_object), subscription_stripe_id)
 
 
+def _loads(raw):
+    """``json.loads``, through orjson (about a third of the cost on a stored event).
+
+    orjson refuses what the standard library accepts (integers beyond 64 bits, for one);
+    those fall back to ``json`` so the outcome is the standard library's either way.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
+
 def _invoice_object(raw) -> dict:
     """``data.object`` of a stored event given as JSON text (or already that object)."""
     if not isinstance(raw, (str, bytes)):
         obj = raw
     else:
         try:
-            event = json.loads(raw)
+            event = _loads(raw)
         except ValueError as exc:
             raise _Unreadable(f"{type(exc).__name__}: {exc}"[:200]) from exc
         data = event.get("data") if isinstance(event, dict) else None

@@ -162,17 +162,21 @@ class Renewal(models.Model):
     docs/decisions/0001-invoice-to-renewal-matching.rst.
     """
 
-    subscription = models.ForeignKey(Subscription, on_delete=models.CASCADE, related_name="renewals")
+    # No index of its own: uniq_renewal_effective_date's index starts with subscription_id.
+    subscription = models.ForeignKey(
+        Subscription, on_delete=models.CASCADE, related_name="renewals", db_index=False
+    )
     effective_date = models.DateTimeField(
         null=True,
         blank=True,
         help_text="The instant (UTC) the new period starts: trial_end, or the end of the paid period before.",
     )
+    # Unique through uniq_renewal_stripe_invoice_id (Meta): unique=True would add a second,
+    # varchar_pattern_ops index on PostgreSQL for LIKE queries nobody makes.
     stripe_invoice_id = models.CharField(
         max_length=255,
         null=True,
         blank=True,
-        unique=True,
         help_text="The invoice that pays for this renewal (in_...). Set once; a conflicting id is ignored.",
     )
     processed_at = models.DateTimeField(
@@ -187,12 +191,15 @@ class Renewal(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
-    history = HistoricalRecords()
+    # History rows are written once per change and read by renewal (``id``, kept indexed) in
+    # the admin; indexes on its other columns cost every write and serve no query.
+    history = HistoricalRecords(no_db_index=["subscription", "stripe_invoice_id", "from_entitlement", "to_entitlement"])
 
     class Meta:
         ordering = ["subscription", "effective_date", "pk"]
         constraints = [
-            models.UniqueConstraint(fields=["subscription", "effective_date"], name="uniq_renewal_effective_date")
+            models.UniqueConstraint(fields=["subscription", "effective_date"], name="uniq_renewal_effective_date"),
+            models.UniqueConstraint(fields=["stripe_invoice_id"], name="uniq_renewal_stripe_invoice_id"),
         ]
 
     def __str__(self):

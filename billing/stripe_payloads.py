@@ -13,23 +13,29 @@ Handlers never dig through nested dicts; they ask this module. Layout notes:
   https://docs.stripe.com/changelog/basil/2025-03-31/adds-new-parent-field-to-invoicing-objects
 * Since basil a charge no longer names its invoice; an ``invoice_payment`` ties an invoice to
   its PaymentIntent. https://docs.stripe.com/changelog/basil/2025-03-31/add-support-for-multiple-partial-payments-on-invoices
+
+Snapshots are named tuples (``NamedTuple``): immutable like frozen dataclasses, and built several times
+faster (a frozen dataclass sets each field through ``object.__setattr__``); every webhook
+builds a few, and the renewal backfill one per stored invoice event.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class PayloadError(ValueError):
     """The payload lacks something this app needs; the event fails with this message."""
 
 
+_UTC = timezone.utc
+
+
 def ts(value: Any) -> datetime | None:
     """A Stripe unix timestamp as an aware UTC datetime (None stays None)."""
     if value is None:
         return None
-    return datetime.fromtimestamp(int(value), tz=timezone.utc)
+    return datetime.fromtimestamp(int(value), _UTC)  # positional tz: measurably cheaper than tz=
 
 
 def object_id(value: Any) -> str:
@@ -51,8 +57,7 @@ def require(obj: dict, key: str) -> Any:
 # --- Events --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
     """The parts of an event envelope that handlers use."""
 
     id: str
@@ -105,8 +110,7 @@ def envelope_problem(payload: Any) -> str | None:
 # --- Customers -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CustomerRef:
+class CustomerRef(NamedTuple):
     """Who an object belongs to, and what we know of them to name a new account."""
 
     customer_id: str
@@ -131,8 +135,7 @@ def customer_of(obj: dict) -> CustomerRef:
 # --- Subscriptions -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SubscriptionSnapshot:
+class SubscriptionSnapshot(NamedTuple):
     stripe_id: str
     customer: CustomerRef
     status: str
@@ -182,8 +185,7 @@ def read_subscription(sub: dict) -> SubscriptionSnapshot:
 # --- Invoices ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LineSnapshot:
+class LineSnapshot(NamedTuple):
     stripe_id: str
     description: str
     currency: str
@@ -202,8 +204,7 @@ class LineSnapshot:
         return self.parent_type == "subscription_item_details" and not self.proration
 
 
-@dataclass(frozen=True)
-class InvoiceSnapshot:
+class InvoiceSnapshot(NamedTuple):
     stripe_id: str
     customer: CustomerRef
     subscription_id: str
@@ -299,8 +300,7 @@ def read_invoice(inv: dict) -> InvoiceSnapshot:
 # --- Payments and refunds ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class InvoicePaymentSnapshot:
+class InvoicePaymentSnapshot(NamedTuple):
     invoice_id: str
     payment_intent_id: str
     charge_id: str
@@ -317,8 +317,7 @@ def read_invoice_payment(obj: dict) -> InvoicePaymentSnapshot:
     )
 
 
-@dataclass(frozen=True)
-class ChargeSnapshot:
+class ChargeSnapshot(NamedTuple):
     stripe_id: str
     payment_intent_id: str
     currency: str
@@ -336,8 +335,7 @@ def read_charge(obj: dict) -> ChargeSnapshot:
     )
 
 
-@dataclass(frozen=True)
-class RefundSnapshot:
+class RefundSnapshot(NamedTuple):
     stripe_id: str
     charge_id: str
     payment_intent_id: str
@@ -360,8 +358,7 @@ def read_refund(obj: dict) -> RefundSnapshot:
 # --- Checkout and setup --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CheckoutSnapshot:
+class CheckoutSnapshot(NamedTuple):
     stripe_id: str
     mode: str
     client_reference_id: str
@@ -380,8 +377,7 @@ def read_checkout_session(obj: dict) -> CheckoutSnapshot:
     )
 
 
-@dataclass(frozen=True)
-class SetupIntentSnapshot:
+class SetupIntentSnapshot(NamedTuple):
     stripe_id: str
     customer_id: str
     payment_method_id: str
