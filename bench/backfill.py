@@ -3,6 +3,8 @@
     .venv/bin/python -m bench.backfill                      # 1M renewals (about 5 minutes)
     .venv/bin/python -m bench.backfill --quick              # 100k renewals, goals on projections
     .venv/bin/python -m bench.backfill --renewals 200000
+    .venv/bin/python -m bench.backfill --reuse              # the data of the last run, same size
+    .venv/bin/python -m bench.backfill --reuse --command-only   # only the command (quick iterations)
 
 What it does, in a dedicated database ``billing_bench_backfill`` (dropped and created, then
 migrated) on the server of ``--database-url``:
@@ -22,6 +24,12 @@ migrated) on the server of ``--database-url``:
    floor: the database alone, no history rows, no per-invoice bookkeeping);
 3. runs the command in a subprocess, measuring wall time and peak RSS (``os.wait4``), and
    checks that it leaves exactly the links and dates the floor computed.
+
+``--reuse`` keeps the database of an earlier run of the same size (restoring its renewals and
+dropping its history rows first) instead of generating it again; ``--command-only`` (with
+``--reuse``) skips the two baselines and checks the command against the floor's state recorded
+in the database by the last run that timed it. Neither writes the reports of a full run: their
+results go to ``backfill-reuse.*`` / ``backfill-command.*``.
 
 Results: ``<results_dir>/backfill[-quick].json`` and ``.md``. The harness never sets Django up:
 only the subprocesses (``manage.py``, the per-row loop) do.
@@ -67,40 +75,69 @@ def run(
     database_url: str,
     results_dir: Path = RESULTS,
     quick: bool = False,
+    reuse: bool = False,
+    command_only: bool = False,
 ) -> dict:
     """Generate, time the baselines and the command, check, report; returns all figures."""
+    if command_only and not reuse:
+        raise ValueError("--command-only needs --reuse (the floor's state of an earlier run)")
     if quick:
         renewals = min(renewals, 100_000)
     subscriptions = max(1, renewals // RENEWALS_PER_SUBSCRIPTION)
     renewals = subscriptions * RENEWALS_PER_SUBSCRIPTION
     url = _database_url(database_url, DATABASE)
     result: dict = {"benchmark": "backfill", "renewals": renewals, "subscriptions": subscriptions,
-                    "quick": quick, "meta": _meta(database_url)}
+                    "quick": quick, "command_only": command_only, "meta": _meta(database_url)}
 
-    log(f"backfill: recreating {DATABASE} and migrating")
-    _recreate_database(database_url)
-    _manage(url, "migrate", "--noinput", "-v", "0")
+    reused = _reusable(url, subscriptions) if reuse else None
+    if reuse and reused is None:
+        log(f"backfill: no reusable {DATABASE} of {subscriptions:,} subscriptions; generating it")
+    if reused is None:
+        if command_only:
+            raise RuntimeError("--command-only: no earlier run of this size to compare with")
+        log(f"backfill: recreating {DATABASE} and migrating")
+        _recreate_database(database_url)
+        _manage(url, "migrate", "--noinput", "-v", "0")
+    result["reused"] = reused is not None
 
     with psycopg.connect(url, autocommit=True) as conn:
-        log(f"backfill: generating {renewals:,} renewals of {subscriptions:,} subscriptions")
-        result["generation"] = _generate(conn, subscriptions)
-        log(f"backfill: generated in {result['generation']['seconds']:.0f} s "
-            f"({result['generation']['events']:,} events)")
+        if reused is None:
+            log(f"backfill: generating {renewals:,} renewals of {subscriptions:,} subscriptions")
+            result["generation"] = _generate(conn, subscriptions)
+            log(f"backfill: generated in {result['generation']['seconds']:.0f} s "
+                f"({result['generation']['events']:,} events)")
+        else:
+            log(f"backfill: reusing {DATABASE} ({subscriptions:,} subscriptions)")
+            result["generation"] = reused
+            _restore(conn)
 
-        sample = min(PER_ROW_SAMPLE, renewals)
-        log(f"backfill: per-row ORM loop on {sample:,} renewals")
-        per_row = _per_row_baseline(url, sample)
-        per_row["rows_per_second"] = per_row["rows"] / per_row["seconds"]
-        per_row["projected_seconds"] = renewals / per_row["rows_per_second"]
-        result["per_row"] = per_row
-        _restore(conn)
+        if command_only:
+            saved = conn.execute("SELECT figures FROM bench_baselines").fetchone() \
+                if conn.execute("SELECT to_regclass('bench_baselines') IS NOT NULL").fetchone()[0] else None
+            if saved is None:
+                raise RuntimeError("--command-only: no baselines recorded on this data; run once with --reuse")
+            saved = saved[0]
+            result["per_row"], result["floor"] = saved["per_row"], saved["floor"]
+        else:
+            sample = min(PER_ROW_SAMPLE, renewals)
+            log(f"backfill: per-row ORM loop on {sample:,} renewals")
+            per_row = _per_row_baseline(url, sample)
+            per_row["rows_per_second"] = per_row["rows"] / per_row["seconds"]
+            per_row["projected_seconds"] = renewals / per_row["rows_per_second"]
+            result["per_row"] = per_row
+            _restore(conn)
 
-        log("backfill: set-based UPDATE ... FROM (the floor)")
-        started = time.perf_counter()
-        floor_rows = conn.execute(FLOOR_SQL).rowcount
-        floor_seconds = time.perf_counter() - started
-        result["floor"] = {"seconds": floor_seconds, "rows": floor_rows, "state": _state(conn)}
-        _restore(conn)
+            log("backfill: set-based UPDATE ... FROM (the floor)")
+            started = time.perf_counter()
+            floor_rows = conn.execute(FLOOR_SQL).rowcount
+            floor_seconds = time.perf_counter() - started
+            result["floor"] = {"seconds": floor_seconds, "rows": floor_rows, "state": _state(conn)}
+            _restore(conn)
+            # Kept for --command-only runs on this data.
+            conn.execute("CREATE TABLE IF NOT EXISTS bench_baselines (figures jsonb NOT NULL)")
+            conn.execute("TRUNCATE bench_baselines")
+            conn.execute("INSERT INTO bench_baselines VALUES (%s::jsonb)",
+                         [json.dumps({"per_row": result["per_row"], "floor": result["floor"]})])
 
         log(f"backfill: manage.py backfill_renewal_invoices --batch-size {BATCH_SIZE}")
         command = _measure(url, "backfill_renewal_invoices", "--batch-size", str(BATCH_SIZE))
@@ -135,7 +172,12 @@ def run(
              f"{command['state']['linked']:,} linked, {command['state']['dated']:,} dated"),
     ]
     result["markdown"] = _markdown(result)
-    _write(result, Path(results_dir), quick)
+    stem = "backfill-quick" if quick else "backfill"
+    if command_only:
+        stem += "-command"
+    elif reused is not None:
+        stem += "-reuse"
+    _write(result, Path(results_dir), stem)
     return result
 
 
@@ -353,6 +395,21 @@ def _generate(conn, subscriptions: int) -> dict:
     return {"seconds": time.perf_counter() - started, "steps": timings, "events": events, "events_size": size}
 
 
+def _reusable(url: str, subscriptions: int) -> dict | None:
+    """The generation figures of an earlier run's database if it has ``subscriptions``, else None."""
+    try:
+        conn = psycopg.connect(url, autocommit=True)
+    except psycopg.OperationalError:
+        return None  # no such database
+    with conn:
+        seeded = conn.execute("SELECT to_regclass('bench_renewal_seed') IS NOT NULL").fetchone()[0]
+        if not seeded or conn.execute("SELECT count(*) FROM billing_subscription").fetchone()[0] != subscriptions:
+            return None
+        events = conn.execute("SELECT count(*) FROM billing_stripeevent").fetchone()[0]
+        size = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('billing_stripeevent'))").fetchone()[0]
+    return {"seconds": 0.0, "steps": {}, "events": events, "events_size": size, "reused": True}
+
+
 def _restore(conn) -> None:
     """Put the renewals back as generated and drop history rows; vacuum so the next run starts clean."""
     started = time.perf_counter()
@@ -543,10 +600,13 @@ def _markdown(result: dict) -> str:
         ["per-row ORM loop, scaled", f"{n:,}", f"{per_row['projected_seconds']:,.0f}", "-", "-", "-"],
     ]
     generation = result["generation"]
+    generated = ("reused from an earlier run" if generation.get("reused")
+                 else f"generated in {generation['seconds']:.0f} s")
+    baselines = " (baselines as recorded by the last run that timed them)" if result.get("command_only") else ""
     summary = ", ".join(f"{label} {value:,}" for label, value in command["summary"].items() if value)
     return "\n\n".join([
         f"{n:,} renewals of {result['subscriptions']:,} subscriptions, {generation['events']:,} stored events "
-        f"({generation['events_size']}), generated in {generation['seconds']:.0f} s; "
+        f"({generation['events_size']}), {generated}{baselines}; "
         f"`{' '.join(command['argv'])}`.",
         table(["run", "renewals", "seconds", "renewals/s", "peak RSS MB", "history rows"], rows),
         goals_table(result["goals"]),
@@ -554,9 +614,9 @@ def _markdown(result: dict) -> str:
     ])
 
 
-def _write(result: dict, results_dir: Path, quick: bool) -> None:
+def _write(result: dict, results_dir: Path, stem: str) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
-    stem = "backfill-quick" if quick else "backfill"
+    quick = result["quick"]
     (results_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     text = f"# Benchmark `backfill`{' (quick)' if quick else ''}\n\n{result['meta']['when']}, " \
            f"{result['meta']['cpus']} CPUs, PostgreSQL {result['meta']['postgres']}\n\n{result['markdown']}\n"
@@ -575,12 +635,21 @@ def main(argv=None) -> int:
                         help="Any database on the server to use; the benchmark makes its own.")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="100,000 renewals; goals on projections.")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Reuse the database of an earlier run of the same size (its renewals restored)"
+                             " instead of generating it; reports go to backfill[-quick]-reuse.*.")
+    parser.add_argument("--command-only", action="store_true",
+                        help="With --reuse: skip the per-row loop and the floor, check the command against the"
+                             " floor's state recorded by the last run on this data; reports go to"
+                             " backfill[-quick]-command.*.")
     args = parser.parse_args(argv)
+    if args.command_only and not args.reuse:
+        parser.error("--command-only needs --reuse")
     if args.mode == "_per-row":
         _per_row_main(args.sample)
         return 0
     result = run(renewals=args.renewals, database_url=args.database_url, results_dir=args.results_dir,
-                 quick=args.quick)
+                 quick=args.quick, reuse=args.reuse, command_only=args.command_only)
     return 0 if all(g["result"] == "PASS" for g in result["goals"]) else 1
 
 
