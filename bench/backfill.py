@@ -112,11 +112,11 @@ def run(
             _restore(conn)
 
         if command_only:
-            saved = conn.execute("SELECT figures FROM bench_baselines").fetchone() \
-                if conn.execute("SELECT to_regclass('bench_baselines') IS NOT NULL").fetchone()[0] else None
-            if saved is None:
+            recorded = conn.execute("SELECT to_regclass('bench_baselines') IS NOT NULL").fetchone()[0]
+            row = conn.execute("SELECT figures FROM bench_baselines").fetchone() if recorded else None
+            if row is None:
                 raise RuntimeError("--command-only: no baselines recorded on this data; run once with --reuse")
-            saved = saved[0]
+            saved = row[0]
             result["per_row"], result["floor"] = saved["per_row"], saved["floor"]
         else:
             sample = min(PER_ROW_SAMPLE, renewals)

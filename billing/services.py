@@ -149,6 +149,16 @@ def mirror_subscription(event: Event) -> tuple[Subscription, bool]:
 _SYNC_INPUTS = ("quantity", "current_period_start", "trial_start", "trial_end", "ended_at")
 
 
+def _lock_account(customer_id: str) -> None:
+    """Take the lock every writer of a customer's rows takes first: its account's row.
+
+    A statement of its own, sent before the reads that follow: a statement reads rows as they
+    were when it started, so a read that waited for the lock in the same statement would see
+    them as they were *before* the writer it waited for committed.
+    """
+    sql.execute(f"SELECT 1 FROM {_t(Account)} WHERE stripe_customer_id = %s{sql.for_update()}", [customer_id])
+
+
 def _subscription_with_locked_account(stripe_id: str, customer_id: str, snap=None) -> Subscription | None:
     """A known subscription, its account locked, in one round trip (the hot path of updates).
 
@@ -158,13 +168,10 @@ def _subscription_with_locked_account(stripe_id: str, customer_id: str, snap=Non
     seats than the snapshot's quantity (``sub._seats_differ``): only then is a seat change
     written.
 
-    The lock is a statement of its own, sent before the read: a statement reads the rows as
-    they were when it started, so a read that waited for the lock in the same statement would
-    see the subscription as it was *before* the writer it waited for committed (and an older
-    snapshot could then win).
+    The lock goes first, alone (``_lock_account``): read with it, an older snapshot could win.
     """
     subs, accounts, entitlements = _t(Subscription), _t(Account), _t(Entitlement)
-    sql.execute(f"SELECT 1 FROM {accounts} WHERE stripe_customer_id = %s{sql.for_update()}", [customer_id])
+    _lock_account(customer_id)
     seats_differ, params = "NULL", []
     if snap is not None and snap.current_period_start is not None:
         seats_differ = (
@@ -469,8 +476,7 @@ def _invoice_with_locked_account(snap: InvoiceSnapshot, whole_subscription: bool
     row or None, payments waiting). The subscription row only with ``whole_subscription``.
     """
     accounts, invoices, subs, payments = _t(Account), _t(Invoice), _t(Subscription), _t(Payment)
-    sql.execute(f"SELECT 1 FROM {accounts} WHERE stripe_customer_id = %s{sql.for_update()}",
-                [snap.customer.customer_id])
+    _lock_account(snap.customer.customer_id)
     sub_cols = subs.cols("s") if whole_subscription else "s.id"
     row = sql.one(
         f"SELECT EXISTS (SELECT 1 FROM {payments} p WHERE p.stripe_invoice_id = %s AND p.invoice_id IS NULL),"

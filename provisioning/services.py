@@ -73,17 +73,17 @@ def grant_entitlement(
     A window granted already is left as it is (the unique constraint makes the INSERT skip).
     Nothing is read back.
     """
+    row = {
+        "account_id": account_id,
+        "kind": kind,
+        "stripe_subscription_id": stripe_subscription_id,
+        "starts_at": starts_at,
+        "expires_at": max(expires_at, starts_at),
+        "seats": max(seats, 0),
+        "stripe_invoice_id": stripe_invoice_id,
+    }
     sql.table(Entitlement).insert_many(
-        [
-        {
-            "account_id": account_id,
-            "kind": kind,
-            "stripe_subscription_id": stripe_subscription_id,
-            "starts_at": starts_at,
-            "expires_at": max(expires_at, starts_at),
-            "seats": max(seats, 0),
-            "stripe_invoice_id": stripe_invoice_id,
-        }],
+        [row],
         on_conflict=["stripe_subscription_id", "kind", "starts_at"],
         returning=False,
     )
