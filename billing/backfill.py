@@ -25,8 +25,9 @@ entitlements, the invoice events of its subscriptions) and one statement that up
 renewals and writes their history rows, in a transaction of its own: memory stays flat and an
 interruption loses at most the batches not yet committed. On PostgreSQL the events are found
 through the expression index of migration 0003, the write is ``UPDATE ... FROM unnest(...)``,
-and reading the next batch and writing the previous one overlap with deciding the current one
-(threads with connections of their own). Elsewhere (SQLite for ``make run``) the ORM does the
+and reading the next batches (two threads) and writing the previous one overlap with deciding
+the current one, each thread on a connection of its own; batches are still decided and
+committed in key order. Elsewhere (SQLite for ``make run``) the ORM does the
 same one batch at a time, through JSON lookups and ``bulk_update``.
 """
 from __future__ import annotations
@@ -37,11 +38,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 
 import orjson
-from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, connections, transaction
 from django.db.models import Q
 
 from . import matching
@@ -54,6 +56,7 @@ PAID_KIND = "paid"  # provisioning.Entitlement.Kind.PAID, as stored
 HISTORY_CHANGE_REASON = "backfill_renewal_invoices"
 DEFAULT_BATCH_SIZE = 1000
 SAMPLE_LIMIT = 20  # conflicts and unreadable events quoted in the report, beyond that only counted
+PREFETCH_PAGES = 64  # effective_io_concurrency while reading a batch's events (_prefetching_scan)
 WRITE_ATTEMPTS = 3  # a batch whose write hits a unique constraint is read and decided again
 
 # The subscription an invoice event names, as SQL: current layout first, legacy second, the
@@ -576,16 +579,22 @@ def _run_sequential(source, scope, batch_size, dry_run, committed, after=None, t
 # --- Overlapping the database and Python --------------------------------------------------
 #
 # Deciding a batch is Python (JSON, read_invoice, matching); reading and writing it is mostly
-# PostgreSQL's work. On a table of millions both take about as long, so they overlap: a reader
-# thread selects and reads batch N + 1 while this thread decides batch N, and a writer thread
+# PostgreSQL's work, and reading is the longest part: on 1,000,000 renewals, 43 ms a batch
+# against 20 ms deciding and 23 ms writing, measured inside the command. So READERS threads
+# read batches N + 1, N + 2 ... ahead while this thread decides batch N, and a writer thread
 # writes and commits batch N - 1. Each thread has its own connection (Django's are per thread).
-# Batches hold disjoint subscriptions, so reading ahead sees what a sequential run would. An
-# invoice linked to another subscription's renewal (damaged data, or a live handler meanwhile)
-# surfaces as a unique violation in the writer: that batch is then decided again on its own,
-# thoroughly, and the overlap resumes after it.
+# The readers take the batches' keys in turn (keyset pagination needs the previous batch's last
+# key, so that step is serialized), read them in parallel, and this thread decides and the
+# writer commits them in key order, as a sequential run would. Batches hold disjoint
+# subscriptions, so reading ahead sees what a sequential run would. An invoice linked to another
+# subscription's renewal (damaged data, or a live handler meanwhile) surfaces as a unique
+# violation in the writer: that batch is then decided again on its own, thoroughly, and the
+# overlap resumes after it.
 
 _DONE = object()
 _QUEUE_WAIT = 0.2  # seconds between looks at the stop flag while a queue is full or empty
+READERS = 2  # threads reading batches ahead, each on its own connection
+READ_AHEAD = 3  # batches read and not yet decided, at most
 
 
 def _can_overlap(source) -> bool:
@@ -603,21 +612,80 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
     return False
 
 
-def _read_ahead(source, scope, batch_size, dry_run, after, out: queue.Queue, stop: threading.Event) -> None:
-    try:
-        while not stop.is_set():
-            subscription_pks = source.next_subscriptions(scope, after, batch_size)
-            if not subscription_pks:
-                _put(out, _DONE, stop)
-                return
-            data = _read_batch(source, scope, subscription_pks, thorough=dry_run)
-            if not _put(out, (after, data), stop):
-                return
-            after = subscription_pks[-1]
-    except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-        _put(out, exc, stop)
-    finally:
-        connections[source.using].close()
+class _ReadAhead:
+    """Batches read ahead by ``READERS`` threads, handed over in key order by ``next()``.
+
+    At most ``READ_AHEAD`` batches are read and not yet taken: memory stays that of a few
+    batches whatever the table's size.
+    """
+
+    def __init__(self, source, scope, batch_size, dry_run, after, stop: threading.Event):
+        self.source, self.scope, self.batch_size, self.dry_run = source, scope, batch_size, dry_run
+        self.stop = stop
+        self.after = after  # the last key handed to a reader
+        self.keys = threading.Lock()  # one reader at a time takes the next batch's keys
+        self.changed = threading.Condition()
+        self.numbered = 0  # batches numbered so far (by the readers)
+        self.taken = 0  # batches handed over so far (to next())
+        self.ready: dict[int, object] = {}  # number -> (after, data), or _DONE
+        self.failure: BaseException | None = None
+        self.threads = [threading.Thread(target=self._read, name=f"backfill-reader-{i + 1}", daemon=True)
+                        for i in range(READERS)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join()
+
+    def _read(self) -> None:
+        try:
+            while not self.stop.is_set():
+                with self.keys:
+                    if self.after is _DONE:
+                        return
+                    after = self.after
+                    subscription_pks = self.source.next_subscriptions(self.scope, after, self.batch_size)
+                    number = self.numbered
+                    self.numbered += 1
+                    self.after = subscription_pks[-1] if subscription_pks else _DONE
+                if not subscription_pks:
+                    self._hand(number, _DONE)
+                    return
+                with self.changed:  # not further ahead than READ_AHEAD batches
+                    while number - self.taken >= READ_AHEAD and not self.stop.is_set():
+                        self.changed.wait(_QUEUE_WAIT)
+                if self.stop.is_set():
+                    return
+                data = _read_batch(self.source, self.scope, subscription_pks, thorough=self.dry_run)
+                self._hand(number, (after, data))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            with self.changed:
+                self.failure = self.failure or exc
+                self.changed.notify_all()
+        finally:
+            connections[self.source.using].close()
+
+    def _hand(self, number: int, item) -> None:
+        with self.changed:
+            self.ready[number] = item
+            self.changed.notify_all()
+
+    def next(self):
+        """The next batch in key order, ``_DONE`` at the end (or once stopped); raises a reader's failure."""
+        with self.changed:
+            while self.taken not in self.ready:
+                if self.failure is not None:
+                    raise self.failure
+                if self.stop.is_set() or not any(thread.is_alive() for thread in self.threads):
+                    return _DONE
+                self.changed.wait(_QUEUE_WAIT)
+            item = self.ready.pop(self.taken)
+            self.taken += 1
+            self.changed.notify_all()
+            return item
 
 
 def _write_behind(source, inbox: queue.Queue, outbox: queue.Queue, stop: threading.Event) -> None:
@@ -659,26 +727,14 @@ def _run_overlapped(source, scope, batch_size, dry_run, committed) -> None:
 def _overlap(source, scope, batch_size, dry_run, committed, start_after):
     """Batches after ``start_after`` until the end (``_DONE``) or a unique violation (its batch's key)."""
     stop = threading.Event()
-    batches: queue.Queue = queue.Queue(maxsize=2)
     to_write: queue.Queue = queue.Queue(maxsize=1)
     written: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=_read_ahead,
-                              args=(source, scope, batch_size, dry_run, start_after, batches, stop),
-                              name="backfill-reader", daemon=True)
+    reader = _ReadAhead(source, scope, batch_size, dry_run, start_after, stop)
     writer = None
     if not dry_run:
         writer = threading.Thread(target=_write_behind, args=(source, to_write, written, stop),
                                   name="backfill-writer", daemon=True)
     retry_after = _DONE  # the key before the batch whose write hit a unique constraint
-
-    def next_batch():
-        while True:
-            alive = reader.is_alive()  # looked at before the queue: nothing put after is missed
-            try:
-                return batches.get(timeout=_QUEUE_WAIT)
-            except queue.Empty:
-                if stop.is_set() or not alive:
-                    return _DONE
 
     def collect(block: bool) -> None:
         """Hand the committed batches on, in order; note a conflict; re-raise other failures."""
@@ -705,11 +761,9 @@ def _overlap(source, scope, batch_size, dry_run, committed, start_after):
         writer.start()
     try:
         while True:
-            item = next_batch()
+            item = reader.next()
             if item is _DONE:
                 break
-            if isinstance(item, BaseException):
-                raise item
             after, data = item
             changes, report = _decide_batch(data, dry_run)
             if writer is None:
@@ -919,15 +973,54 @@ class _PostgresSource(_PortableSource):
              WHERE e.type IN {EVENT_TYPES_SQL}
                AND {EVENT_SUBSCRIPTION_SQL.replace("payload", "e.payload")} = ANY(%s::text[])
         """
-        with connections[self.using].cursor() as cursor:
-            cursor.cursor.adapters.register_loader("timestamptz", TimestamptzLoader)
-            cursor.execute(sql, [_pg_array(stripe_ids)])
-            rows = cursor.fetchall()
+        with transaction.atomic(using=self.using), connections[self.using].cursor() as cursor:
+            with self._prefetching_scan(cursor):
+                cursor.cursor.adapters.register_loader("timestamptz", TimestamptzLoader)
+                cursor.execute(sql, [_pg_array(stripe_ids)])
+                rows = cursor.fetchall()
         rows.sort(key=lambda row: (row[0], row[1]))
         invoices: dict[str, dict[str, list]] = {}
         for _, event_id, invoice_id, stripe_id, payload_text in rows:
             invoices.setdefault(stripe_id, {}).setdefault(invoice_id, []).append((event_id, payload_text))
         return invoices
+
+    # Whether this server accepts effective_io_concurrency > 0 (not where posix_fadvise is
+    # missing, macOS for one); None until the first batch asks.
+    _can_prefetch: bool | None = None
+
+    @contextmanager
+    def _prefetching_scan(self, cursor):
+        """Within it, this transaction reads the events by a bitmap heap scan that prefetches.
+
+        A batch's events (about 2,000 for 1,000 renewals) lie on as many heap pages, spread
+        over a table of gigabytes: once it outgrows memory, a plain index scan reads them one
+        by one, each waiting for the disk. A bitmap heap scan visits them in physical order
+        and, with ``effective_io_concurrency``, asks the kernel for the next pages ahead
+        (``posix_fadvise``); measured on 1,000,000 renewals' events read cold, 35-41 ms a
+        batch instead of 96-146 ms. The planner underestimates the rows per subscription
+        and would pick the plain index scan, hence ``enable_indexscan = off``. Both are set
+        for the transaction only and put back afterwards, so a caller's transaction (the
+        data migration's) keeps its own settings for everything else.
+        """
+        cursor.execute("SELECT current_setting('enable_indexscan'), current_setting('effective_io_concurrency'),"
+                       " set_config('enable_indexscan', 'off', true)")
+        before = cursor.fetchone()[:2]
+        prefetch = "SELECT set_config('effective_io_concurrency', %s, true)"
+        if self._can_prefetch is None:
+            try:
+                with transaction.atomic(using=self.using):  # a savepoint: a refusal leaves the rest intact
+                    cursor.execute(prefetch, [str(PREFETCH_PAGES)])
+                self._can_prefetch = True
+            except DatabaseError:
+                self._can_prefetch = False
+                logger.info("renewal backfill: this server refuses effective_io_concurrency; reading events"
+                            " without prefetching")
+        elif self._can_prefetch:
+            cursor.execute(prefetch, [str(PREFETCH_PAGES)])
+        yield
+        # Not reached on an error: rolling the transaction (or savepoint) back restores them.
+        cursor.execute("SELECT set_config('enable_indexscan', %s, true), set_config('effective_io_concurrency', %s, true)",
+                       list(before))
 
     def count_unreadable_events(self) -> int:
         # The partial index holds NULL for events naming no subscription (one-off invoices and

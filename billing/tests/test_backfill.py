@@ -585,3 +585,22 @@ def test_array_literals_round_trip_any_text():
         assert cursor.fetchone()[0] == values
         cursor.execute("SELECT %s::bigint[]", [backfill._pg_array([1, None, 2**40])])
         assert cursor.fetchone()[0] == [1, None, 2**40]
+
+
+@pytest.mark.django_db
+def test_event_lookup_settings_last_only_for_the_lookup():
+    """The bitmap-scan and prefetch settings are put back: a caller's transaction keeps its own."""
+    build_world(real_models())
+    source = backfill._PostgresSource(renewal_model=Renewal, subscription_model=Subscription, event_model=StripeEvent,
+                                      entitlement_model=Entitlement, history_model=None, using="default")
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL effective_io_concurrency = 3")
+        with CaptureQueriesContext(connection) as queries:
+            invoices = source.invoice_events(["sub_a"])
+        cursor.execute("SELECT current_setting('enable_indexscan'), current_setting('effective_io_concurrency')")
+        assert cursor.fetchone() == ("on", "3")
+    assert {"in_a0", "in_a1"} <= set(invoices["sub_a"])
+    sql = [q["sql"] for q in queries]
+    lookup = next(i for i, q in enumerate(sql) if "payload #>> '{data,object,parent" in q)
+    assert any("'enable_indexscan', 'off'" in q for q in sql[:lookup])
+    assert any(f"'effective_io_concurrency', '{backfill.PREFETCH_PAGES}'" in q for q in sql[:lookup])

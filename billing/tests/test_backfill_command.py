@@ -231,3 +231,65 @@ def test_overlapped_run_interrupted_then_resumed(overlapped, monkeypatch):
 
     out, _ = backfill("--batch-size", "2")
     assert figures(out)["renewals changed"] == 0 and Renewal.history.count() == history
+
+
+@pytest.mark.django_db(transaction=True)
+def test_overlapped_batches_are_decided_in_key_order_whichever_reader_finishes_first(overlapped, monkeypatch):
+    """Two readers read ahead in parallel; the first batch is made the slowest to read."""
+    import threading
+    import time
+
+    from billing import backfill as service
+
+    assert service.READERS >= 2
+    world = build_world(real_models())
+    read, decided = service._read_batch, []
+    first_started = threading.Event()
+
+    def slow_first(source, scope, subscription_pks, **kwargs):
+        if not first_started.is_set():
+            first_started.set()
+            time.sleep(0.3)  # the other reader reads the next batches meanwhile
+        return read(source, scope, subscription_pks, **kwargs)
+
+    decide = service._decide_batch
+
+    def record(data, dry_run):
+        decided.append(sorted(data.subscriptions))
+        return decide(data, dry_run)
+
+    monkeypatch.setattr(service, "_read_batch", slow_first)
+    monkeypatch.setattr(service, "_decide_batch", record)
+    backfill("--batch-size", "2")
+
+    assert overlapped[0] is None and len(decided) > 2
+    keys = [pk for batch in decided for pk in batch]
+    # Ascending, but for the one step back where sub_g's batch, after its unique violation, is
+    # decided again on its own and the overlap resumes after it: no batch overtook one before it.
+    steps_back = [i for i in range(1, len(keys)) if keys[i] < keys[i - 1]]
+    assert len(overlapped) == 2 and len(steps_back) == 1
+    assert keys[:steps_back[0]] == sorted(keys[:steps_back[0]]) and keys[steps_back[0]:] == sorted(keys[steps_back[0]:])
+    assert world_state(Renewal, world) == WORLD_AFTER
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reader_failure_stops_the_run_and_a_rerun_completes(overlapped, monkeypatch):
+    from billing import backfill as service
+
+    world = build_world(real_models())
+    events, calls = service._PostgresSource.invoice_events, []
+
+    def fail_on_second_batch(self, stripe_ids):
+        calls.append(stripe_ids)
+        if len(calls) == 2:
+            raise RuntimeError("the database went away")
+        return events(self, stripe_ids)
+
+    monkeypatch.setattr(service._PostgresSource, "invoice_events", fail_on_second_batch)
+    with pytest.raises(RuntimeError, match="went away"):
+        backfill("--batch-size", "2")
+    assert world_state(Renewal, world) != WORLD_AFTER
+
+    monkeypatch.setattr(service._PostgresSource, "invoice_events", events)
+    backfill("--batch-size", "2")
+    assert world_state(Renewal, world) == WORLD_AFTER
