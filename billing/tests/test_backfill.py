@@ -411,6 +411,85 @@ def test_first_snapshot_that_matches_wins_like_the_live_handlers(source):
     assert (report.linked, report.conflicts, report.malformed, report.unmatched) == (2, 1, 0, 0)
 
 
+def postgres_source():
+    return backfill._PostgresSource(renewal_model=Renewal, subscription_model=Subscription, event_model=StripeEvent,
+                                    entitlement_model=Entitlement, history_model=None, using="default")
+
+
+@pytest.mark.django_db
+def test_event_lookup_sends_a_payload_only_where_a_snapshot_can_name_another_period():
+    """PostgreSQL prints an event's payload only for an invoice's first event, a later one whose
+    lines, parent or subscription changed, and one whose lines are unreadable."""
+    first = invoice_event("invoice.created", "in_1", "sub_x", T0 + 30 * DAY)
+    store(StripeEvent, first)
+    store(StripeEvent, invoice_event("invoice.paid", "in_1", "sub_x", T0 + 30 * DAY))  # the same lines
+    store(StripeEvent, invoice_event("invoice.created", "in_2", "sub_x", T0 + 60 * DAY))
+    store(StripeEvent, invoice_event("invoice.paid", "in_2", "sub_x", T0 + 61 * DAY))  # its line moved
+    for event_type in ("invoice.created", "invoice.paid"):  # the same lines, without their data array
+        broken = invoice_event(event_type, "in_3", "sub_x", T0 + 90 * DAY)
+        broken["data"]["object"]["lines"] = {"object": "list"}
+        store(StripeEvent, broken)
+
+    invoices = postgres_source().invoice_events(["sub_x"])["sub_x"]
+
+    sent = {invoice: [payload is not None for _, payload in events] for invoice, events in invoices.items()}
+    assert sent == {"in_1": [True, False], "in_2": [True, True], "in_3": [True, True]}
+    assert json.loads(invoices["in_1"][0][1]) == first
+    assert [event_id for event_id, _ in invoices["in_1"]] == [first["id"], invoices["in_1"][1][0]]
+
+
+@pytest.mark.django_db
+def test_a_snapshot_after_an_unreadable_one_with_the_same_lines_is_read_on_its_own(source, monkeypatch):
+    """The draft names no customer (the live handler fails on it); the paid snapshot, with the same
+    lines, is read and links. PostgreSQL did not send its payload: it is fetched, alone."""
+    account = Account.objects.create(name="x", stripe_customer_id="cus_x")
+    sub = Subscription.objects.create(stripe_id="sub_x", account=account, status="active")
+    renewal = Renewal.objects.create(subscription=sub, effective_date=utc(T0 + 30 * DAY))
+    draft = invoice_event("invoice.created", "in_1", "sub_x", T0 + 30 * DAY)
+    draft["data"]["object"].pop("customer")
+    store(StripeEvent, draft)
+    paid = invoice_event("invoice.paid", "in_1", "sub_x", T0 + 30 * DAY)
+    store(StripeEvent, paid)
+    fetched = []
+    source_class = backfill._PostgresSource  # the ORM one under the "portable" parameter
+    fetch = source_class.event_payload
+
+    def spy(self, event_id):
+        fetched.append(event_id)
+        return fetch(self, event_id)
+
+    monkeypatch.setattr(source_class, "event_payload", spy)
+
+    report = run()
+
+    renewal.refresh_from_db()
+    assert renewal.stripe_invoice_id == "in_1"
+    assert (report.linked, report.malformed, report.unmatched) == (1, 0, 0)
+    # The ORM path has every payload already; PostgreSQL's sent only the draft's.
+    assert fetched == ([paid["id"]] if source == "postgresql" else [])
+
+
+@pytest.mark.django_db
+def test_a_run_collects_garbage_less_often_and_puts_the_collector_back(source):
+    import gc
+
+    build_world(real_models())
+    before, during = gc.get_threshold(), []
+
+    def look(report):
+        during.append((gc.get_threshold()[0], gc.get_freeze_count() > 0))
+        if report.batches == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(batch_size=2, progress=look)
+    # [0]: the total is known, before the batches; then one per committed batch.
+    assert during == [(before[0], False)] + [(backfill.GC_THRESHOLD_DURING_RUN, True)] * 2
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    run(batch_size=2)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
 @pytest.mark.django_db
 def test_filters_limit_what_is_changed(source):
     renewals = build_world(real_models())
