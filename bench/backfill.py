@@ -25,6 +25,9 @@ migrated) on the server of ``--database-url``:
 3. runs the command in a subprocess, measuring wall time and peak RSS (``os.wait4``), and
    checks that it leaves exactly the links and dates the floor computed.
 
+Each timed run starts after a ``CHECKPOINT`` and a ``sync``, so that none pays for writing back
+what the generation or the previous restore dirtied.
+
 ``--reuse`` keeps the database of an earlier run of the same size (restoring its renewals and
 dropping its history rows first) instead of generating it again; ``--command-only`` (with
 ``--reuse``) skips the two baselines and checks the command against the floor's state recorded
@@ -121,6 +124,7 @@ def run(
         else:
             sample = min(PER_ROW_SAMPLE, renewals)
             log(f"backfill: per-row ORM loop on {sample:,} renewals")
+            _settle(conn)
             per_row = _per_row_baseline(url, sample)
             per_row["rows_per_second"] = per_row["rows"] / per_row["seconds"]
             per_row["projected_seconds"] = renewals / per_row["rows_per_second"]
@@ -128,6 +132,7 @@ def run(
             _restore(conn)
 
             log("backfill: set-based UPDATE ... FROM (the floor)")
+            _settle(conn)
             started = time.perf_counter()
             floor_rows = conn.execute(FLOOR_SQL).rowcount
             floor_seconds = time.perf_counter() - started
@@ -140,6 +145,7 @@ def run(
                          [json.dumps({"per_row": result["per_row"], "floor": result["floor"]})])
 
         log(f"backfill: manage.py backfill_renewal_invoices --batch-size {BATCH_SIZE}")
+        _settle(conn)
         command = _measure(url, "backfill_renewal_invoices", "--batch-size", str(BATCH_SIZE))
         command["state"] = _state(conn)
         command["summary"] = _summary(command.pop("stdout"))
@@ -408,6 +414,22 @@ def _reusable(url: str, subscriptions: int) -> dict | None:
         events = conn.execute("SELECT count(*) FROM billing_stripeevent").fetchone()[0]
         size = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('billing_stripeevent'))").fetchone()[0]
     return {"seconds": 0.0, "steps": {}, "events": events, "events_size": size, "reused": True}
+
+
+def _settle(conn) -> None:
+    """Before each timed run: flush what the step before wrote (generating, restoring).
+
+    Otherwise the run pays for it: PostgreSQL's checkpointer and the kernel writing back
+    gigabytes of pages the generation or the restore dirtied, on the same two cores and disk.
+    Each of the three timed runs starts from a checkpoint.
+    """
+    started = time.perf_counter()
+    try:
+        conn.execute("CHECKPOINT")
+    except psycopg.Error as exc:  # not a superuser, nor pg_checkpoint: the runs start unsettled
+        log(f"backfill: CHECKPOINT refused ({exc.sqlstate}); timing without it")
+    os.sync()
+    log(f"backfill: checkpoint and sync in {time.perf_counter() - started:.0f} s")
 
 
 def _restore(conn) -> None:

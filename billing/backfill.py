@@ -1010,10 +1010,12 @@ class _PostgresSource(_PortableSource):
         # invoice). Printing a jsonb is the costly part of this query (about half of it, with
         # sending and fetching the text), so it is printed only for an invoice's first event and
         # for a later one whose (lines, parent, subscription) differ from the one before it:
-        # only those can name another period. The exception is an event whose lines have no
-        # ``data`` array: unreadable, so the one after it must be read on its own. The
-        # expression is the one migration 0003 indexes and keeps statistics on.
-        # Sorted here, not by PostgreSQL: the window sorts per invoice only.
+        # only those can name another period. Also for one whose lines have no ``data`` array:
+        # the one before it, with the same lines, was unreadable, and _link_invoice would
+        # otherwise fetch this one on its own. The subscription expression is the one migration
+        # 0003 indexes and keeps statistics on. The window sorts a batch's events (about 2.6 MB
+        # at the default batch size, within the default work_mem); the order across invoices
+        # is made here.
         sql = f"""
             SELECT created, id, invoice_id, stripe_id,
                    CASE WHEN row_number() OVER w = 1 OR shape IS DISTINCT FROM lag(shape) OVER w
