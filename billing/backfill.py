@@ -415,7 +415,7 @@ def _decide_subscription(
     invoices: dict[str, list[tuple[str, object]]],
     linked_to: dict[str, int | None],
     report: BackfillReport,
-    event_payload: Callable[[str], object] | None = None,
+    event_payload: Callable[[str], object],
 ) -> None:
     """Decide dates, then links, for one subscription's renewals (mutates them and ``report``)."""
     taken = {r.effective_date for r in renewals if r.effective_date is not None}
@@ -438,7 +438,7 @@ def _decide_subscription(
 
 
 def _link_invoice(subscription, renewals, invoice_id, events, already_linked_elsewhere, report,
-                  event_payload=None) -> None:
+                  event_payload) -> None:
     """Apply the live rule to one invoice, trying its events' snapshots oldest first.
 
     The live handlers link on the first snapshot that matches (``invoice.created``, or
@@ -515,7 +515,7 @@ class _BatchData:
     windows: dict
     invoices: dict
     linked_to: dict
-    event_payload: Callable[[str], object] | None = None  # for events invoice_events gave as None
+    event_payload: Callable[[str], object]  # the source's reader of one event, for those invoice_events gave as None
 
 
 def _read_batch(source, scope: _Scope, subscription_pks: list[int], *, thorough: bool) -> _BatchData:
@@ -1006,6 +1006,7 @@ class _PostgresSource(_PortableSource):
         from psycopg.types.datetime import TimestamptzLoader
 
         events = self.event_model._meta.db_table
+        subscription = EVENT_SUBSCRIPTION_SQL.replace("payload", "e.payload")
         # The payload travels as text and is parsed only when needed (usually one event per
         # invoice). Printing a jsonb is the costly part of this query (about half of it, with
         # sending and fetching the text), so it is printed only for an invoice's first event and
@@ -1024,12 +1025,12 @@ class _PostgresSource(_PortableSource):
               FROM (SELECT e.created, e.id, e.payload,
                            COALESCE(NULLIF(e.object_id, ''), e.payload #>> '{{data,object,id}}', '?' || e.id)
                                AS invoice_id,
-                           {EVENT_SUBSCRIPTION_SQL.replace("payload", "e.payload")} AS stripe_id,
+                           {subscription} AS stripe_id,
                            ARRAY[e.payload #> '{{data,object,lines}}', e.payload #> '{{data,object,parent}}',
                                  e.payload #> '{{data,object,subscription}}'] AS shape
                       FROM {events} e
                      WHERE e.type IN {EVENT_TYPES_SQL}
-                       AND {EVENT_SUBSCRIPTION_SQL.replace("payload", "e.payload")} = ANY(%s::text[])) AS e
+                       AND {subscription} = ANY(%s::text[])) AS e
             WINDOW w AS (PARTITION BY invoice_id, stripe_id ORDER BY created, id)
         """
         with transaction.atomic(using=self.using), connections[self.using].cursor() as cursor:
