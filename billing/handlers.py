@@ -19,7 +19,12 @@ from .services import (
     record_refund,
     settle_paid_invoice,
 )
-from .stripe_payloads import Event, read_invoice
+from .stripe_payloads import Event, object_id, read_invoice
+
+
+def _customer(event: Event) -> str | None:
+    """The customer whose account the handler locks first (``registry.handles``)."""
+    return object_id(event.obj.get("customer")) or None
 
 
 @handles("checkout.session.completed")
@@ -28,13 +33,18 @@ def on_checkout_completed(event: Event) -> None:
     link_checkout_to_account(event)
 
 
-@handles("customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted")
+@handles(
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    locks_account_of=_customer,
+)
 def on_subscription_changed(event: Event) -> None:
     """Mirror the snapshot (unless older than the mirror) and keep entitlements in step."""
     mirror_subscription(event)
 
 
-@handles("customer.subscription.trial_will_end")
+@handles("customer.subscription.trial_will_end", locks_account_of=_customer)
 def on_trial_will_end(event: Event) -> None:
     """Sent three days before a trial ends: mirror the snapshot and owe the reminder e-mail.
 
@@ -50,6 +60,7 @@ def on_trial_will_end(event: Event) -> None:
     "invoice.updated",
     "invoice.voided",
     "invoice.marked_uncollectible",
+    locks_account_of=_customer,
 )
 def on_invoice_changed(event: Event) -> None:
     """Mirror the invoice and link it to the renewal it pays for.
@@ -64,7 +75,7 @@ def on_invoice_changed(event: Event) -> None:
             attach_waiting_payments(invoice)
 
 
-@handles("invoice.paid")
+@handles("invoice.paid", locks_account_of=_customer)
 def on_invoice_paid(event: Event) -> None:
     """Mark paid; process its renewal exactly once; owe the receipt exactly once."""
     invoice, _ = mirror_invoice(event, whole_subscription=True)
@@ -72,7 +83,7 @@ def on_invoice_paid(event: Event) -> None:
     settle_paid_invoice(invoice)
 
 
-@handles("invoice.payment_failed")
+@handles("invoice.payment_failed", locks_account_of=_customer)
 def on_invoice_payment_failed(event: Event) -> None:
     """Mirror the invoice and owe the billing-error e-mail (once per payment attempt)."""
     invoice, _ = mirror_invoice(event)

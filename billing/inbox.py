@@ -16,6 +16,11 @@ signature and the envelope):
    Stripe retries; the retry (or ``reprocess_stripe_events``) takes the existing row with
    ``FOR UPDATE``, runs the handler and marks it ``processed``.
 
+For the events of a customer, the handler's first act is to lock the customer's account (every
+writer of a customer's rows does, ``billing.services``). The handler declares that at
+registration (``handles(..., locks_account_of=...)``), and the INSERT statement takes the lock
+too, so the handler's own request for it is free (``holds_account_lock``): one round trip less.
+
 On the common path an event costs the inbox one INSERT and the COMMIT: no savepoint, no
 UPDATE (``make bench`` measures it against a minimal webhook). (psycopg's pipeline mode was
 tried for the first delivery and removed: it cost the web process more CPU than it saved
@@ -29,10 +34,13 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from django.db import connection, transaction
 from django.utils import timezone
+
+from provisioning.models import Account
 
 from . import registry
 from .models import StripeEvent
@@ -43,6 +51,18 @@ logger = logging.getLogger(__name__)
 Status = StripeEvent.Status
 DUPLICATE = "duplicate"
 MAX_ERROR_CHARS = 8000
+
+# The Stripe customer whose account row the inbox locked in the current handler's transaction.
+_account_locked: ContextVar[str | None] = ContextVar("billing_inbox_account_locked", default=None)
+
+
+def holds_account_lock(customer_id: str) -> bool:
+    """True if this transaction already holds the lock of ``customer_id``'s account row.
+
+    Only inside a handler run by the inbox, after the event's INSERT took the lock: the lock is
+    the transaction's until it ends, and the mark is cleared when the handler's run ends.
+    """
+    return customer_id is not None and _account_locked.get() == customer_id
 
 
 class PrerequisiteMissing(Exception):
@@ -68,7 +88,7 @@ class Outcome:
 def receive(payload: dict, raw_body: str) -> Outcome:
     """Store and apply one verified event (``payload`` is ``raw_body`` parsed)."""
     event = Event.from_payload(payload)
-    path = registry.registered_types().get(event.type)
+    path = registry.path_for(event.type)
     if path is None:
         _insert(event, raw_body, Status.IGNORED)
         logger.info("stripe event %s %s ignored (no handler)", event.id, event.type)
@@ -84,7 +104,7 @@ def process_event(event_id: str) -> Outcome:
     row = StripeEvent.objects.only("id", "status", "payload", "type").get(pk=event_id)
     if row.status == Status.PROCESSED:
         return Outcome(event_id, DUPLICATE)
-    path = registry.registered_types().get(row.type)
+    path = registry.path_for(row.type)
     if path is None:
         StripeEvent.objects.filter(pk=event_id).update(status=Status.IGNORED)
         return Outcome(event_id, Status.IGNORED)
@@ -109,9 +129,16 @@ def _apply(event: Event, path: str, raw_body: str | None) -> Outcome:
 def _run_handler(event: Event, path: str, raw_body: str | None) -> Outcome:
     """Insert the row (first delivery) or take the existing one under its lock, then handle."""
     handler_ran = False
+    marked = None
     try:
         with transaction.atomic():
-            if raw_body is not None and _insert(event, raw_body, Status.PROCESSED):
+            created = False
+            if raw_body is not None:
+                customer = registry.account_locked_by(path, event) if _row_locks() else None
+                created, locked = _insert_locking(event, raw_body, customer)
+                if locked:
+                    marked = _account_locked.set(customer)
+            if created:
                 handler_ran = True
                 registry.resolve(path)(event)
             else:
@@ -124,6 +151,9 @@ def _run_handler(event: Event, path: str, raw_body: str | None) -> Outcome:
         if not handler_ran:
             raise  # the inbox itself failed (database down): nothing stored, the view answers 503
         return _failed(event, raw_body, exc)
+    finally:
+        if marked is not None:
+            _account_locked.reset(marked)
     return Outcome(event.id, Status.PROCESSED)
 
 
@@ -149,6 +179,7 @@ def _describe(exc: Exception) -> str:
 # in the same round trip whether this delivery created the row.
 
 _TABLE = StripeEvent._meta.db_table
+_ACCOUNTS = Account._meta.db_table
 
 
 def _row(event: Event, raw_body: str, status: str, error: str | None) -> list:
@@ -179,6 +210,32 @@ def _insert(event: Event, raw_body: str, status: str) -> bool:
         return cursor.fetchone() is not None
 
 
+def _insert_locking(event: Event, raw_body: str, customer_id: str | None) -> tuple[bool, bool]:
+    """Insert the event's row (as ``_insert``) and lock ``customer_id``'s account, in one statement.
+
+    (whether this call created the row, whether the account exists and is now locked). The
+    lock is what the handler would take first anyway; taken here it costs no round trip of
+    its own. The order of the two does not matter: a duplicate delivery waits for the first,
+    whichever of its rows it meets first, and the first waits for nothing the duplicate holds.
+    """
+    if customer_id is None:
+        return _insert(event, raw_body, Status.PROCESSED), False
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"WITH inserted AS ({_insert_sql()}),"
+            f" locked AS (SELECT id FROM {_ACCOUNTS} WHERE stripe_customer_id = %s FOR UPDATE)"
+            f" SELECT (SELECT id FROM inserted), (SELECT id FROM locked)",
+            [*_row(event, raw_body, Status.PROCESSED, error=None), customer_id],
+        )
+        inserted, account = cursor.fetchone()
+        return inserted is not None, account is not None
+
+
+def _row_locks() -> bool:
+    # SQLite (``make run``) has no row locks: its writers are serialised by the database lock.
+    return connection.features.has_select_for_update
+
+
 def _insert_sql() -> str:
     cast = "::jsonb" if connection.vendor == "postgresql" else ""
     return (
@@ -190,8 +247,7 @@ def _insert_sql() -> str:
 
 
 def _lock(event_id: str) -> str:
-    # SQLite (``make run``) has no row locks: its writers are serialised by the database lock.
-    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    lock = " FOR UPDATE" if _row_locks() else ""
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT status FROM {_TABLE} WHERE id = %s{lock}", [event_id])
         return cursor.fetchone()[0]

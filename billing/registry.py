@@ -20,24 +20,34 @@ from importlib import import_module
 from .stripe_payloads import Event
 
 Handler = Callable[[Event], None]
+AccountOf = Callable[[Event], "str | None"]
 
 # event type -> dotted path "module:function" of its handler
 _registry: dict[str, str] = {}
 # dotted path -> resolved callable (filled on first use)
 _resolved: dict[str, Handler] = {}
+# dotted path -> the Stripe customer whose account lock the handler takes first (see ``handles``)
+_account_of: dict[str, AccountOf] = {}
 
 
 class RegistryError(RuntimeError):
     pass
 
 
-def handles(*event_types: str) -> Callable[[Handler], Handler]:
-    """Register the decorated function as the handler of ``event_types``."""
+def handles(*event_types: str, locks_account_of: AccountOf | None = None) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the handler of ``event_types``.
+
+    ``locks_account_of(event)`` names the Stripe customer whose account lock the handler takes
+    before anything else (or None). The inbox then takes that lock in the statement that stores
+    the event, and the handler's own request for it costs nothing (``billing.inbox``).
+    """
 
     def decorator(func: Handler) -> Handler:
         path = f"{func.__module__}:{func.__qualname__}"
         register(path, *event_types)
         _resolved[path] = func
+        if locks_account_of is not None:
+            _account_of[path] = locks_account_of
         return func
 
     return decorator
@@ -60,6 +70,17 @@ def unregister(*event_types: str) -> None:
 
 def registered_types() -> dict[str, str]:
     return dict(_registry)
+
+
+def path_for(event_type: str) -> str | None:
+    """The dotted path of ``event_type``'s handler, or None."""
+    return _registry.get(event_type)
+
+
+def account_locked_by(path: str, event: Event) -> str | None:
+    """The Stripe customer whose account the handler at ``path`` locks first for ``event``."""
+    account_of = _account_of.get(path)
+    return account_of(event) if account_of is not None else None
 
 
 def resolve(path: str) -> Handler:

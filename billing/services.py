@@ -30,7 +30,7 @@ from provisioning import services as provisioning
 from provisioning.models import Account, Entitlement
 
 from . import matching, sql
-from .inbox import PrerequisiteMissing
+from .inbox import PrerequisiteMissing, holds_account_lock
 from .models import Invoice, InvoiceLineItem, OwedEmail, Payment, Refund, Renewal, StripeEvent, Subscription
 from .outbox import owe_email
 from .stripe_payloads import (
@@ -155,7 +155,12 @@ def _lock_account(customer_id: str) -> None:
     A statement of its own, sent before the reads that follow: a statement reads rows as they
     were when it started, so a read that waited for the lock in the same statement would see
     them as they were *before* the writer it waited for committed.
+
+    Free when the inbox took it already, in the statement that stored the event
+    (``billing.inbox.holds_account_lock``).
     """
+    if holds_account_lock(customer_id):
+        return
     sql.execute(f"SELECT 1 FROM {_t(Account)} WHERE stripe_customer_id = %s{sql.for_update()}", [customer_id])
 
 

@@ -314,3 +314,75 @@ def test_invoice_paid_before_its_subscription_fails_until_the_subscription_arriv
     assert (int(paid_window.starts_at.timestamp()), int(paid_window.expires_at.timestamp())) == (T0, T0 + 30 * DAY)
     assert list(OwedEmail.objects.values_list("key", flat=True)) == ["receipt:in_before_its_subscription"]
     assert Account.objects.count() == 1
+
+
+# --- The account lock taken with the INSERT --------------------------------------------------
+
+
+def _statements_of(post_event, payload) -> list[str]:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as captured:
+        assert post_event(payload).status_code == 200
+    return [" ".join(query["sql"].split()) for query in captured.captured_queries]
+
+
+def test_the_event_insert_takes_the_customers_account_lock_and_the_handler_sends_none_of_its_own(post_event):
+    post_event(trial_created())
+    update = subscription_event(
+        "customer.subscription.updated", trial_subscription("sub_inbox", "cus_inbox", quantity=4),
+        created=T0 + 60, event_id="evt_inbox_updated",
+    )
+
+    statements = _statements_of(post_event, update)
+
+    inserts = [s for s in statements if "INSERT INTO billing_stripeevent" in s]
+    assert len(inserts) == 1
+    assert "FROM provisioning_account WHERE stripe_customer_id = 'cus_inbox' FOR UPDATE" in inserts[0]
+    assert not [s for s in statements if s.startswith('SELECT 1 FROM "provisioning_account"')], statements
+    assert Subscription.objects.get().quantity == 4
+    assert not inbox.holds_account_lock("cus_inbox")  # the mark ends with the handler's run
+
+
+def test_a_first_event_of_a_new_customer_finds_no_account_to_lock_and_the_handler_creates_it(post_event):
+    statements = _statements_of(post_event, trial_created())
+
+    assert "FOR UPDATE" in next(s for s in statements if "INSERT INTO billing_stripeevent" in s)
+    assert Account.objects.get().stripe_customer_id == "cus_inbox"
+    assert stored("evt_inbox_created").status == "processed"
+
+
+def test_a_type_whose_handler_locks_no_account_is_stored_by_a_plain_insert(post_event):
+    payload = subscription_event(
+        "customer.subscription.created", trial_subscription("sub_inbox", "cus_inbox"), created=T0,
+        event_id="evt_inbox_created",
+    )
+    payload["type"] = "customer.created"  # no handler: stored as ignored, nothing locked
+    payload["data"]["object"] = {"id": "cus_inbox", "object": "customer"}
+
+    statements = _statements_of(post_event, payload)
+
+    assert [s for s in statements if "INSERT INTO billing_stripeevent" in s and "FOR UPDATE" not in s]
+    assert stored("evt_inbox_created").status == "ignored"
+
+
+def test_a_retried_failed_event_is_applied_under_the_lock_its_insert_attempt_took(post_event, swap_handler):
+    """The row exists (failed), so the INSERT skips; its statement still took the account lock,
+    before the event row's own lock: the order every delivery takes them in."""
+    post_event(trial_created())
+    update = subscription_event(
+        "customer.subscription.updated", trial_subscription("sub_inbox", "cus_inbox", quantity=4),
+        created=T0 + 60, event_id="evt_inbox_updated",
+    )
+    swap_handler("customer.subscription.updated", "billing.tests.test_webhook_inbox:mirror_then_fail")
+    assert post_event(update).status_code == 500
+    swap_handler("customer.subscription.updated", REAL_SUBSCRIPTION_HANDLER)
+
+    statements = _statements_of(post_event, update)
+
+    insert = next(i for i, s in enumerate(statements) if "INSERT INTO billing_stripeevent" in s)
+    event_lock = next(i for i, s in enumerate(statements) if s.startswith("SELECT status FROM billing_stripeevent"))
+    assert insert < event_lock and "FOR UPDATE" in statements[insert]
+    assert not [s for s in statements if s.startswith('SELECT 1 FROM "provisioning_account"')], statements
+    assert (stored("evt_inbox_updated").status, Subscription.objects.get().quantity) == ("processed", 4)
