@@ -18,6 +18,7 @@ from .services import (
     record_payment_method,
     record_refund,
     settle_paid_invoice,
+    subscription_first_read,
 )
 from .stripe_payloads import Event, object_id, read_invoice
 
@@ -38,13 +39,14 @@ def on_checkout_completed(event: Event) -> None:
     "customer.subscription.updated",
     "customer.subscription.deleted",
     locks_account_of=_customer,
+    reads_first=subscription_first_read,
 )
 def on_subscription_changed(event: Event) -> None:
     """Mirror the snapshot (unless older than the mirror) and keep entitlements in step."""
     mirror_subscription(event)
 
 
-@handles("customer.subscription.trial_will_end", locks_account_of=_customer)
+@handles("customer.subscription.trial_will_end", locks_account_of=_customer, reads_first=subscription_first_read)
 def on_trial_will_end(event: Event) -> None:
     """Sent three days before a trial ends: mirror the snapshot and owe the reminder e-mail.
 

@@ -36,13 +36,14 @@ import time
 import traceback
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from django.db import connection, transaction
 from django.utils import timezone
 
 from provisioning.models import Account
 
-from . import registry
+from . import registry, sql
 from .models import StripeEvent
 from .stripe_payloads import Event, PayloadError
 
@@ -52,8 +53,15 @@ Status = StripeEvent.Status
 DUPLICATE = "duplicate"
 MAX_ERROR_CHARS = 8000
 
-# The Stripe customer whose account row the inbox locked in the current handler's transaction.
-_account_locked: ContextVar[str | None] = ContextVar("billing_inbox_account_locked", default=None)
+class _Locked(NamedTuple):
+    """What the event's INSERT statement locked and read for the handler (``_insert_locking``)."""
+
+    customer_id: str
+    account: Account | None  # the customer's account, locked; None if it has none yet
+    first_read: list  # the handler's first read (``registry.handles(reads_first=...)``), until taken
+
+
+_locked: ContextVar[_Locked | None] = ContextVar("billing_inbox_locked", default=None)
 
 
 def holds_account_lock(customer_id: str) -> bool:
@@ -62,7 +70,28 @@ def holds_account_lock(customer_id: str) -> bool:
     Only inside a handler run by the inbox, after the event's INSERT took the lock: the lock is
     the transaction's until it ends, and the mark is cleared when the handler's run ends.
     """
-    return customer_id is not None and _account_locked.get() == customer_id
+    locked = _locked.get()
+    return locked is not None and locked.account is not None and locked.customer_id == customer_id
+
+
+def locked_account(customer_id: str) -> Account | None:
+    """The account row the inbox locked for ``customer_id`` in this transaction, or None."""
+    locked = _locked.get()
+    if locked is None or locked.customer_id != customer_id:
+        return None
+    return locked.account
+
+
+def take_first_read(customer_id: str) -> tuple[Account | None, tuple | None] | None:
+    """(the locked account or None, the row of the handler's first read or None), once.
+
+    None if the inbox read nothing for this customer in this transaction, or if it was taken
+    already: after the handler's own writes the row would be out of date.
+    """
+    locked = _locked.get()
+    if locked is None or locked.customer_id != customer_id or not locked.first_read:
+        return None
+    return locked.account, locked.first_read.pop()
 
 
 class PrerequisiteMissing(Exception):
@@ -135,9 +164,11 @@ def _run_handler(event: Event, path: str, raw_body: str | None) -> Outcome:
             created = False
             if raw_body is not None:
                 customer = registry.account_locked_by(path, event) if _row_locks() else None
-                created, locked = _insert_locking(event, raw_body, customer)
-                if locked:
-                    marked = _account_locked.set(customer)
+                if customer is None:
+                    created = _insert(event, raw_body, Status.PROCESSED)
+                else:
+                    created, locked = _insert_locking(event, raw_body, customer, registry.first_read_of(path, event))
+                    marked = _locked.set(locked)
             if created:
                 handler_ran = True
                 registry.resolve(path)(event)
@@ -153,7 +184,7 @@ def _run_handler(event: Event, path: str, raw_body: str | None) -> Outcome:
         return _failed(event, raw_body, exc)
     finally:
         if marked is not None:
-            _account_locked.reset(marked)
+            _locked.reset(marked)
     return Outcome(event.id, Status.PROCESSED)
 
 
@@ -179,7 +210,6 @@ def _describe(exc: Exception) -> str:
 # in the same round trip whether this delivery created the row.
 
 _TABLE = StripeEvent._meta.db_table
-_ACCOUNTS = Account._meta.db_table
 
 
 def _row(event: Event, raw_body: str, status: str, error: str | None) -> list:
@@ -210,25 +240,38 @@ def _insert(event: Event, raw_body: str, status: str) -> bool:
         return cursor.fetchone() is not None
 
 
-def _insert_locking(event: Event, raw_body: str, customer_id: str | None) -> tuple[bool, bool]:
+def _insert_locking(
+    event: Event, raw_body: str, customer_id: str, first_read: tuple[str, list] | None
+) -> tuple[bool, _Locked]:
     """Insert the event's row (as ``_insert``) and lock ``customer_id``'s account, in one statement.
 
-    (whether this call created the row, whether the account exists and is now locked). The
-    lock is what the handler would take first anyway; taken here it costs no round trip of
-    its own. The order of the two does not matter: a duplicate delivery waits for the first,
-    whichever of its rows it meets first, and the first waits for nothing the duplicate holds.
+    (whether this call created the row, what was locked and read). The lock is what the
+    handler would take first anyway; taken here it costs no round trip of its own, and neither
+    does the handler's ``first_read`` sent with it.
+
+    The lock is taken only once the INSERT has created the row (``EXISTS (SELECT 1 FROM
+    inserted)``), as when the handler took it: a duplicate waits for the first delivery's row
+    holding nothing, then takes no lock at all. Were the lock taken first, a duplicate could
+    hold the account while waiting for the row of a first delivery that waits for the account.
     """
-    if customer_id is None:
-        return _insert(event, raw_body, Status.PROCESSED), False
+    accounts = sql.table(Account)
+    read, params = first_read or (None, [])
     with connection.cursor() as cursor:
         cursor.execute(
             f"WITH inserted AS ({_insert_sql()}),"
-            f" locked AS (SELECT id FROM {_ACCOUNTS} WHERE stripe_customer_id = %s FOR UPDATE)"
-            f" SELECT (SELECT id FROM inserted), (SELECT id FROM locked)",
-            [*_row(event, raw_body, Status.PROCESSED, error=None), customer_id],
+            f" locked AS (SELECT {accounts.cols()} FROM {accounts}"
+            f" WHERE stripe_customer_id = %s AND EXISTS (SELECT 1 FROM inserted) FOR UPDATE)"
+            + (f", first_read AS ({read})" if read else "")
+            + f" SELECT (SELECT id FROM inserted), {accounts.cols('l')}{', r.*' if read else ''}"
+            f" FROM (SELECT 1 AS one) AS x LEFT JOIN locked l ON true"
+            + (" LEFT JOIN first_read r ON true" if read else ""),
+            [*_row(event, raw_body, Status.PROCESSED, error=None), customer_id, *params],
         )
-        inserted, account = cursor.fetchone()
-        return inserted is not None, account is not None
+        row = cursor.fetchone()
+    account_id = row[1 + accounts.attnames.index("id")]
+    account = accounts.load(row, 1) if account_id is not None else None
+    reads = [tuple(row[1 + accounts.width:])] if read and account is not None else []
+    return row[0] is not None, _Locked(customer_id, account, reads)
 
 
 def _row_locks() -> bool:

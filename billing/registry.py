@@ -21,6 +21,7 @@ from .stripe_payloads import Event
 
 Handler = Callable[[Event], None]
 AccountOf = Callable[[Event], "str | None"]
+FirstRead = Callable[[Event], "tuple[str, list] | None"]
 
 # event type -> dotted path "module:function" of its handler
 _registry: dict[str, str] = {}
@@ -28,18 +29,28 @@ _registry: dict[str, str] = {}
 _resolved: dict[str, Handler] = {}
 # dotted path -> the Stripe customer whose account lock the handler takes first (see ``handles``)
 _account_of: dict[str, AccountOf] = {}
+# dotted path -> the handler's first read, sent with that lock (see ``handles``)
+_first_read: dict[str, FirstRead] = {}
 
 
 class RegistryError(RuntimeError):
     pass
 
 
-def handles(*event_types: str, locks_account_of: AccountOf | None = None) -> Callable[[Handler], Handler]:
+def handles(
+    *event_types: str, locks_account_of: AccountOf | None = None, reads_first: FirstRead | None = None
+) -> Callable[[Handler], Handler]:
     """Register the decorated function as the handler of ``event_types``.
 
     ``locks_account_of(event)`` names the Stripe customer whose account lock the handler takes
     before anything else (or None). The inbox then takes that lock in the statement that stores
     the event, and the handler's own request for it costs nothing (``billing.inbox``).
+
+    ``reads_first(event)`` (with ``locks_account_of``) is the handler's first read, as
+    ``(select, params)``: the inbox sends it in that same statement and hands the row over
+    (``billing.inbox.take_first_read``). The select may use ``locked``, the locked account row.
+    It sees the database as the statement began, before any wait for the lock, so it must
+    lock (``FOR UPDATE``) every row it reads: a row lock returns the row's newest version.
     """
 
     def decorator(func: Handler) -> Handler:
@@ -48,6 +59,10 @@ def handles(*event_types: str, locks_account_of: AccountOf | None = None) -> Cal
         _resolved[path] = func
         if locks_account_of is not None:
             _account_of[path] = locks_account_of
+        if reads_first is not None:
+            if locks_account_of is None:
+                raise RegistryError(f"{path}: reads_first needs locks_account_of")
+            _first_read[path] = reads_first
         return func
 
     return decorator
@@ -81,6 +96,12 @@ def account_locked_by(path: str, event: Event) -> str | None:
     """The Stripe customer whose account the handler at ``path`` locks first for ``event``."""
     account_of = _account_of.get(path)
     return account_of(event) if account_of is not None else None
+
+
+def first_read_of(path: str, event: Event) -> tuple[str, list] | None:
+    """The first read of the handler at ``path`` for ``event`` (``handles(reads_first=...)``)."""
+    first_read = _first_read.get(path)
+    return first_read(event) if first_read is not None else None
 
 
 def resolve(path: str) -> Handler:

@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
+from typing import Any
 
 from provisioning import services as provisioning
 from provisioning.models import Account, Entitlement
 
 from . import matching, sql
-from .inbox import PrerequisiteMissing, holds_account_lock
+from .inbox import PrerequisiteMissing, holds_account_lock, locked_account, take_first_read
 from .models import Invoice, InvoiceLineItem, OwedEmail, Payment, Refund, Renewal, StripeEvent, Subscription
 from .outbox import owe_email
 from .stripe_payloads import (
@@ -54,6 +55,10 @@ def _t(model) -> sql.Table:
 
 
 def account_for(customer: CustomerRef) -> Account:
+    account = locked_account(customer.customer_id)
+    if account is not None:  # locked by the inbox with the event's INSERT: read as it is now
+        provisioning.learn_customer_details(account, customer.name, customer.email)
+        return account
     return provisioning.lock_account_for_customer(customer.customer_id, name=customer.name, email=customer.email)
 
 
@@ -61,11 +66,12 @@ def _older_than_stored(row, event: Event) -> bool:
     return row.last_event_created is not None and event.created < row.last_event_created
 
 
-def _save_changes(row, values: dict, event: Event, reason: str) -> bool:
+def _save_changes(row, values: dict, event: Event, reason: str, then: sql.Expr | None = None) -> Any:
     """Write ``values`` that differ, with the event's watermark; only the watermark if none do.
 
     A snapshot that changes nothing moves only the watermark, without a history row: history
-    records changes, and a renewal's unchanged snapshots would otherwise fill it.
+    records changes, and a renewal's unchanged snapshots would otherwise fill it. The value of
+    ``then`` (``sql.Table.update``) if anything changed, else None.
     """
     table = _t(type(row))
     changed = {name: value for name, value in values.items() if getattr(row, name) != value}
@@ -76,9 +82,8 @@ def _save_changes(row, values: dict, event: Event, reason: str) -> bool:
             [event.created, event.id, row.pk],
         )
         row.last_event_created, row.last_event_id = event.created, event.id
-        return False
-    table.update(row, {**changed, **watermark}, reason=reason)
-    return True
+        return None
+    return table.update(row, {**changed, **watermark}, reason=reason, then=then)
 
 
 # --- Subscriptions -------------------------------------------------------------------------
@@ -135,10 +140,16 @@ def mirror_subscription(event: Event) -> tuple[Subscription, bool]:
         _apply_period_seats(sub, snap.current_period_start, snap.quantity, newest=False)
         return sub, False
     before = {name: getattr(sub, name) for name in _SYNC_INPUTS}
-    _save_changes(sub, values, event, event.type)
+    seats = getattr(sub, "_seats_differ", True)
+    ask = seats is None and snap.current_period_start is not None and (
+        sub.quantity != snap.quantity or sub.current_period_start != snap.current_period_start)
+    asked = _save_changes(sub, values, event, event.type,
+                          then=_seats_differ_sql(sub.stripe_id, snap) if ask else None)
+    if ask:
+        seats = bool(asked)
     changed = {name for name in _SYNC_INPUTS if getattr(sub, name) != before[name]}
     # Entitlements only move when what they are derived from moved (the hot path skips both).
-    if changed & {"quantity", "current_period_start"} and getattr(sub, "_seats_differ", True):
+    if changed & {"quantity", "current_period_start"} and seats is not False:
         _apply_period_seats(sub, snap.current_period_start, snap.quantity, newest=True)
     if changed & {"trial_start", "trial_end", "ended_at"}:
         sync_subscription(sub)
@@ -164,23 +175,61 @@ def _lock_account(customer_id: str) -> None:
     sql.execute(f"SELECT 1 FROM {_t(Account)} WHERE stripe_customer_id = %s{sql.for_update()}", [customer_id])
 
 
+def subscription_first_read(event: Event) -> tuple[str, list] | None:
+    """The subscription handlers' first read, sent by the inbox with the account's lock.
+
+    The subscription row, locked after the account (``registry.handles(reads_first=...)``): a
+    row lock returns the newest version of the row, even when the statement waited for the
+    account's lock while another delivery changed the subscription.
+    """
+    stripe_id = event.obj.get("id")
+    if not isinstance(stripe_id, str) or not stripe_id:
+        return None
+    subs = _t(Subscription)
+    return (
+        f"SELECT {subs.cols('s')} FROM {subs} s"
+        f" WHERE s.stripe_id = %s AND s.account_id = (SELECT id FROM locked) FOR UPDATE",
+        [stripe_id],
+    )
+
+
+def _seats_differ_sql(stripe_subscription_id: str, snap) -> sql.Expr:
+    """True if an entitlement of the snapshot's period has other seats than its quantity."""
+    return sql.Expr(
+        f"EXISTS (SELECT 1 FROM {_t(Entitlement)} e WHERE e.stripe_subscription_id = %s"
+        f" AND e.starts_at = %s AND e.seats <> %s)",
+        [stripe_subscription_id, snap.current_period_start, snap.quantity],
+    )
+
+
 def _subscription_with_locked_account(stripe_id: str, customer_id: str, snap=None) -> Subscription | None:
     """A known subscription, its account locked, in one round trip (the hot path of updates).
 
     Every writer of a customer's rows locks the account first, so the account's lock is what
     serialises them; the subscription row itself needs no lock of its own. With ``snap``, the
     same round trip also answers whether an entitlement of the snapshot's period has other
-    seats than the snapshot's quantity (``sub._seats_differ``): only then is a seat change
-    written.
+    seats than the snapshot's quantity (``sub._seats_differ``; None if not asked): only then
+    is a seat change written.
 
     The lock goes first, alone (``_lock_account``): read with it, an older snapshot could win.
+    When the inbox sent the lock with the event's INSERT, it sent this read too (locking the
+    subscription row, so that it is read as it is now): no round trip at all.
     """
-    subs, accounts, entitlements = _t(Subscription), _t(Account), _t(Entitlement)
+    subs, accounts = _t(Subscription), _t(Account)
+    first = take_first_read(customer_id)
+    if first is not None:
+        account, row = first
+        if row[subs.attnames.index("id")] is None:
+            return None
+        sub = subs.load(row)
+        sql.attach(sub, "account", account)
+        sub._seats_differ = None  # asked in the statement that writes the subscription
+        return sub
     _lock_account(customer_id)
     seats_differ, params = "NULL", []
     if snap is not None and snap.current_period_start is not None:
         seats_differ = (
-            f"EXISTS (SELECT 1 FROM {entitlements} e WHERE e.stripe_subscription_id = s.stripe_id"
+            f"EXISTS (SELECT 1 FROM {_t(Entitlement)} e WHERE e.stripe_subscription_id = s.stripe_id"
             f" AND e.starts_at = %s AND e.seats <> %s)"
         )
         params = [snap.current_period_start, snap.quantity]

@@ -211,25 +211,32 @@ class Table:
         return sql, [timezone.now(), reason, history_type, _history_user_id()]
 
     def _write(self, write_sql: str, params: list, history_type: str, reason: str | None,
-               returning: bool) -> list[tuple] | None:
+               returning: bool, then: Expr | None = None) -> Any:
         """Run ``write_sql`` (ending ``RETURNING *``) and record a history row per row it wrote.
 
         With ``returning``, the rows written (``cols()`` order). Without, nothing is read back
-        (no rows to send, convert and load).
+        (no rows to send, convert and load), except the value of ``then`` if given: a SQL
+        expression evaluated in the same round trip (it sees the database as the statement
+        began, not the row just written).
         """
         bare = write_sql[: -len(" RETURNING *")]
         if is_postgresql() and self.history_table is not None:
             history_sql, history_params = self._history_sql("written", history_type, reason)
             if not returning:
-                execute(f"WITH written AS ({write_sql}) {history_sql}", [*params, *history_params])
-                return None
+                if then is None:
+                    execute(f"WITH written AS ({write_sql}) {history_sql}", [*params, *history_params])
+                    return None
+                return one(
+                    f"WITH written AS ({write_sql}), history AS ({history_sql}) SELECT {then.sql}",
+                    [*params, *history_params, *then.params],
+                )[0]
             return rows(
                 f"WITH written AS ({write_sql}), history AS ({history_sql}) SELECT {self.cols()} FROM written",
                 [*params, *history_params],
             )
         if self.history_table is None and not returning:
             execute(bare, params)
-            return None
+            return _then(then)
         written = rows(f"{bare} RETURNING {self.cols()}", params)
         if written and self.history_table is not None:  # SQLite: the history rows in a second statement
             pk_index = self.attnames.index(self.pk.attname)
@@ -238,7 +245,7 @@ class Table:
                 f"{self.name} WHERE {self.pk_column} IN ({', '.join(['%s'] * len(pks))})", history_type, reason
             )
             execute(history_sql, [*history_params, *pks])
-        return written if returning else None
+        return written if returning else _then(then)
 
     def _insert_values(self, values: dict) -> tuple[list[str], list]:
         now = timezone.now()
@@ -286,10 +293,10 @@ class Table:
             return []
         return [self.load(row) for row in self._write(sql, params, CREATED, reason, returning=True)]
 
-    def update(self, obj: models.Model, values: dict, *, reason: str | None = None) -> None:
+    def update(self, obj: models.Model, values: dict, *, reason: str | None = None, then: Expr | None = None) -> Any:
         """Write ``values`` (and ``auto_now`` fields) to ``obj``'s row, and to ``obj``.
 
-        Nothing is read back: ``obj`` takes the
+        Nothing is read back (but the value of ``then``, as ``_write`` says): ``obj`` takes the
         values written. Only the columns in ``values`` are written, so a concurrent writer of
         other columns (refunds, receipts) is not overwritten, and the history row, made from
         the row as the UPDATE left it, shows both.
@@ -297,16 +304,17 @@ class Table:
         if any(isinstance(value, Expr) for value in values.values()):
             raise TypeError("update() sets obj from the values: use update_where() for SQL expressions")
         now = timezone.now()
-        self.update_where(values, f"{self.pk_column} = %s", [obj.pk], reason=reason, now=now)
+        result = self.update_where(values, f"{self.pk_column} = %s", [obj.pk], reason=reason, now=now, then=then)
         for name, value in values.items():
             setattr(obj, name, value)
         for name in self.auto_now:
             if name not in values:
                 setattr(obj, name, now)
+        return result
 
     def update_where(self, values: dict, where: str, params: Sequence = (), *, reason: str | None = None,
-                     now: datetime | None = None) -> None:
-        """``UPDATE ... WHERE where`` with a ``~`` history row each (nothing read back)."""
+                     now: datetime | None = None, then: Expr | None = None) -> Any:
+        """``UPDATE ... WHERE where`` with a ``~`` history row each (nothing read back but ``then``)."""
         now = now or timezone.now()
         assignments, set_params = [], []
         for name, value in values.items():
@@ -321,7 +329,7 @@ class Table:
                 assignments.append(f"{self._quoted[name]} = %s")
                 set_params.append(now)
         sql = f"UPDATE {self.name} SET {', '.join(assignments)} WHERE {where} RETURNING *"
-        self._write(sql, [*set_params, *params], CHANGED, reason, returning=False)
+        return self._write(sql, [*set_params, *params], CHANGED, reason, returning=False, then=then)
 
     def delete_where(self, where: str, params: Sequence = (), *, reason: str | None = None) -> None:
         """``DELETE ... WHERE where`` with a ``-`` history row each (nothing read back)."""
@@ -338,6 +346,10 @@ class Table:
             history_sql, history_params = self._history_sql(f"{self.name} WHERE {where}", DELETED, reason)
             execute(history_sql, [*history_params, *params])
             execute(f"DELETE FROM {self.name} WHERE {where}", params)
+
+
+def _then(then: Expr | None) -> Any:
+    return None if then is None else one(f"SELECT {then.sql}", then.params)[0]
 
 
 _tables: dict[type, Table] = {}

@@ -278,3 +278,49 @@ def test_an_older_snapshot_that_waited_for_the_lock_never_overwrites_a_newer_one
     assert newer_row.processed_at < older_row.processed_at  # the race went as staged
     subscription = Subscription.objects.get()
     assert (subscription.quantity, subscription.last_event_id) == (5, "evt_ro_newer")
+
+
+def test_a_delivery_waiting_for_its_event_row_holds_no_account_lock(webhook_url):
+    """The account lock sent with the event's INSERT is taken only once the row is created.
+
+    An outside transaction plays a first delivery that has inserted the event's row and not yet
+    taken the account's lock. A second delivery of that event then waits for the row; while
+    it waits, the account must still be free (``NOWAIT`` would fail otherwise), or the first
+    delivery, asking for the account next, would wait for it: a deadlock.
+    """
+    import psycopg
+    from django.db import connection
+
+    sub_id, customer = "sub_race_rowwait", "cus_race_rowwait"
+    created = subscription_event(
+        "customer.subscription.created", active_subscription(sub_id, customer), created=T0, event_id="evt_rw_0"
+    )
+    assert post_all_at_once(webhook_url, [created])[0][0] == 200
+    update = subscription_event(
+        "customer.subscription.updated", active_subscription(sub_id, customer, quantity=4),
+        created=T0 + 60, event_id="evt_rw_1",
+    )
+    settings = connection.settings_dict
+    conninfo = psycopg.conninfo.make_conninfo(
+        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"] or None,
+        port=settings["PORT"] or None, password=settings["PASSWORD"] or None,
+    )
+    answers = []
+    with psycopg.connect(conninfo, autocommit=True) as watcher, psycopg.connect(conninfo) as first:
+        first.execute(
+            "INSERT INTO billing_stripeevent (id, type, api_version, livemode, created, object_id, payload, status,"
+            " attempts, last_error, received_at) VALUES (%s, %s, '', false, now(), '', '{}', 'received', 0, '', now())",
+            [update["id"], update["type"]],
+        )
+        second = threading.Thread(target=lambda: answers.extend(post_all_at_once(webhook_url, [update])))
+        second.start()
+        _wait_for_waiters(watcher, 1)
+        first.execute(  # raises LockNotAvailable if the waiting delivery holds the account
+            "SELECT 1 FROM provisioning_account WHERE stripe_customer_id = %s FOR UPDATE NOWAIT", [customer]
+        )
+        first.rollback()  # the "first delivery" gives up: the waiting one creates the row
+        second.join(timeout=60)
+
+    assert [status for status, _ in answers] == [200]
+    assert StripeEvent.objects.get(pk="evt_rw_1").status == StripeEvent.Status.PROCESSED
+    assert Subscription.objects.get().quantity == 4

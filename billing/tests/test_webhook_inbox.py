@@ -325,10 +325,17 @@ def _statements_of(post_event, payload) -> list[str]:
 
     with CaptureQueriesContext(connection) as captured:
         assert post_event(payload).status_code == 200
-    return [" ".join(query["sql"].split()) for query in captured.captured_queries]
+    statements = [" ".join(query["sql"].split()) for query in captured.captured_queries]
+    return [s for s in statements if "SAVEPOINT" not in s]  # the test's own transaction
 
 
-def test_the_event_insert_takes_the_customers_account_lock_and_the_handler_sends_none_of_its_own(post_event):
+ACCOUNT_LOCK = "FROM \"provisioning_account\" WHERE stripe_customer_id = 'cus_inbox' AND EXISTS (SELECT 1 FROM inserted) FOR UPDATE"
+
+
+def test_the_event_insert_takes_the_account_lock_and_the_handlers_first_read_in_one_statement(post_event):
+    """A subscription update is the INSERT (with the lock and the locked subscription row) and
+    the subscription's UPDATE (which also asks whether the period's seats differ): the handler
+    sends no lock and no read of its own. Here the trial's seats differ, so they are written."""
     post_event(trial_created())
     update = subscription_event(
         "customer.subscription.updated", trial_subscription("sub_inbox", "cus_inbox", quantity=4),
@@ -337,18 +344,36 @@ def test_the_event_insert_takes_the_customers_account_lock_and_the_handler_sends
 
     statements = _statements_of(post_event, update)
 
-    inserts = [s for s in statements if "INSERT INTO billing_stripeevent" in s]
-    assert len(inserts) == 1
-    assert "FROM provisioning_account WHERE stripe_customer_id = 'cus_inbox' FOR UPDATE" in inserts[0]
-    assert not [s for s in statements if s.startswith('SELECT 1 FROM "provisioning_account"')], statements
-    assert Subscription.objects.get().quantity == 4
+    assert len(statements) == 3, statements
+    insert, write, seats = statements
+    assert insert.startswith("WITH inserted AS (INSERT INTO billing_stripeevent") and ACCOUNT_LOCK in insert
+    assert "WHERE s.stripe_id = 'sub_inbox' AND s.account_id = (SELECT id FROM locked) FOR UPDATE" in insert
+    assert write.startswith('WITH written AS (UPDATE "billing_subscription"') and "SELECT EXISTS" in write
+    assert seats.startswith('WITH written AS (UPDATE "provisioning_entitlement" SET "seats" = 4')
+    subscription = Subscription.objects.get()
+    assert (subscription.quantity, subscription.last_event_id) == (4, "evt_inbox_updated")
+    assert Entitlement.objects.get().seats == 4  # the trial's window follows the seat change
     assert not inbox.holds_account_lock("cus_inbox")  # the mark ends with the handler's run
+
+
+def test_a_seat_change_with_a_window_of_its_seats_already_writes_no_entitlement(post_event):
+    post_event(trial_created())
+    Entitlement.objects.update(seats=4)  # as if an earlier delivery had set the window's seats
+    update = subscription_event(
+        "customer.subscription.updated", trial_subscription("sub_inbox", "cus_inbox", quantity=4),
+        created=T0 + 60, event_id="evt_inbox_updated",
+    )
+
+    statements = _statements_of(post_event, update)
+
+    assert len(statements) == 2, statements  # the event's INSERT, the subscription's UPDATE
+    assert (Subscription.objects.get().quantity, Entitlement.objects.get().seats) == (4, 4)
 
 
 def test_a_first_event_of_a_new_customer_finds_no_account_to_lock_and_the_handler_creates_it(post_event):
     statements = _statements_of(post_event, trial_created())
 
-    assert "FOR UPDATE" in next(s for s in statements if "INSERT INTO billing_stripeevent" in s)
+    assert ACCOUNT_LOCK in next(s for s in statements if "INSERT INTO billing_stripeevent" in s)
     assert Account.objects.get().stripe_customer_id == "cus_inbox"
     assert stored("evt_inbox_created").status == "processed"
 
@@ -367,9 +392,9 @@ def test_a_type_whose_handler_locks_no_account_is_stored_by_a_plain_insert(post_
     assert stored("evt_inbox_created").status == "ignored"
 
 
-def test_a_retried_failed_event_is_applied_under_the_lock_its_insert_attempt_took(post_event, swap_handler):
-    """The row exists (failed), so the INSERT skips; its statement still took the account lock,
-    before the event row's own lock: the order every delivery takes them in."""
+def test_a_retried_failed_event_locks_the_account_itself_after_the_event_row(post_event, swap_handler):
+    """The row exists (failed), so the INSERT skips, and a statement whose INSERT skipped takes
+    no lock: the handler takes the account's lock itself, after the event row's."""
     post_event(trial_created())
     update = subscription_event(
         "customer.subscription.updated", trial_subscription("sub_inbox", "cus_inbox", quantity=4),
@@ -381,8 +406,7 @@ def test_a_retried_failed_event_is_applied_under_the_lock_its_insert_attempt_too
 
     statements = _statements_of(post_event, update)
 
-    insert = next(i for i, s in enumerate(statements) if "INSERT INTO billing_stripeevent" in s)
     event_lock = next(i for i, s in enumerate(statements) if s.startswith("SELECT status FROM billing_stripeevent"))
-    assert insert < event_lock and "FOR UPDATE" in statements[insert]
-    assert not [s for s in statements if s.startswith('SELECT 1 FROM "provisioning_account"')], statements
+    account_lock = next(i for i, s in enumerate(statements) if s.startswith('SELECT 1 FROM "provisioning_account"'))
+    assert event_lock < account_lock
     assert (stored("evt_inbox_updated").status, Subscription.objects.get().quantity) == ("processed", 4)
