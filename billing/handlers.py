@@ -7,6 +7,7 @@ sends mail. Event types: https://docs.stripe.com/api/events/types
 from .registry import handles
 from .services import (
     attach_waiting_payments,
+    invoice_first_read,
     link_checkout_to_account,
     link_invoice_to_renewal,
     mirror_invoice,
@@ -63,6 +64,7 @@ def on_trial_will_end(event: Event) -> None:
     "invoice.voided",
     "invoice.marked_uncollectible",
     locks_account_of=_customer,
+    reads_first=invoice_first_read,
 )
 def on_invoice_changed(event: Event) -> None:
     """Mirror the invoice and link it to the renewal it pays for.
@@ -77,7 +79,7 @@ def on_invoice_changed(event: Event) -> None:
             attach_waiting_payments(invoice)
 
 
-@handles("invoice.paid", locks_account_of=_customer)
+@handles("invoice.paid", locks_account_of=_customer, reads_first=invoice_first_read)
 def on_invoice_paid(event: Event) -> None:
     """Mark paid; process its renewal exactly once; owe the receipt exactly once."""
     invoice, _ = mirror_invoice(event, whole_subscription=True)
@@ -85,7 +87,7 @@ def on_invoice_paid(event: Event) -> None:
     settle_paid_invoice(invoice)
 
 
-@handles("invoice.payment_failed", locks_account_of=_customer)
+@handles("invoice.payment_failed", locks_account_of=_customer, reads_first=invoice_first_read)
 def on_invoice_payment_failed(event: Event) -> None:
     """Mirror the invoice and owe the billing-error e-mail (once per payment attempt)."""
     invoice, _ = mirror_invoice(event)

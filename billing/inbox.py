@@ -167,7 +167,7 @@ def _run_handler(event: Event, path: str, raw_body: str | None) -> Outcome:
                 if customer is None:
                     created = _insert(event, raw_body, Status.PROCESSED)
                 else:
-                    created, locked = _insert_locking(event, raw_body, customer, registry.first_read_of(path, event))
+                    created, locked = _insert_locking(event, raw_body, customer, _first_read(path, event))
                     marked = _locked.set(locked)
             if created:
                 handler_ran = True
@@ -186,6 +186,16 @@ def _run_handler(event: Event, path: str, raw_body: str | None) -> Outcome:
         if marked is not None:
             _locked.reset(marked)
     return Outcome(event.id, Status.PROCESSED)
+
+
+def _first_read(path: str, event: Event) -> tuple[str, list] | None:
+    """The handler's first read, or None if the payload is too broken to build it (the
+    handler then meets the problem itself, and the event is recorded failed)."""
+    try:
+        return registry.first_read_of(path, event)
+    except Exception:  # noqa: BLE001 - never let a payload problem look like the inbox failing
+        logger.debug("no first read for stripe event %s", event.id, exc_info=True)
+        return None
 
 
 def _failed(event: Event, raw_body: str | None, exc: Exception) -> Outcome:
@@ -261,7 +271,8 @@ def _insert_locking(
             f"WITH inserted AS ({_insert_sql()}),"
             f" locked AS (SELECT {accounts.cols()} FROM {accounts}"
             f" WHERE stripe_customer_id = %s AND EXISTS (SELECT 1 FROM inserted) FOR UPDATE)"
-            + (f", first_read AS ({read})" if read else "")
+            # The read runs only once the account is locked: its row locks come after the account's.
+            + (f", first_read AS (SELECT r.* FROM ({read}) AS r WHERE EXISTS (SELECT 1 FROM locked))" if read else "")
             + f" SELECT (SELECT id FROM inserted), {accounts.cols('l')}{', r.*' if read else ''}"
             f" FROM (SELECT 1 AS one) AS x LEFT JOIN locked l ON true"
             + (" LEFT JOIN first_read r ON true" if read else ""),

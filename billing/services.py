@@ -38,6 +38,7 @@ from .stripe_payloads import (
     CustomerRef,
     Event,
     InvoiceSnapshot,
+    PayloadError,
     read_charge,
     read_checkout_session,
     read_invoice,
@@ -522,31 +523,73 @@ def _invoice_and_subscription_id(stripe_id: str, subscription_stripe_id: str) ->
     return invoice, row[0]
 
 
+def _invoice_read(snap: InvoiceSnapshot, whole_subscription: bool) -> tuple[str, list]:
+    """The read of an invoice handler: whether refunds wait for the invoice, its subscription
+    (the whole row, locked, with ``whole_subscription``; else its id) and the invoice (locked).
+
+    One row, whatever exists (portable SQL: SQLite runs it too). The rows it reads are locked because it is also sent by the
+    inbox before the account's lock is granted (``invoice_first_read``): a row lock returns a
+    row's newest version. A row missing from that early read is looked for again later.
+    """
+    invoices, subs, payments = _t(Invoice), _t(Subscription), _t(Payment)
+    sub_select = f"SELECT {subs.cols('s')} FROM {subs} s WHERE s.stripe_id = %s"
+    sub_cols = subs.cols("s")
+    if not whole_subscription:
+        sub_select, sub_cols = f"SELECT s.id FROM {subs} s WHERE s.stripe_id = %s", "s.id"
+    return (
+        f"SELECT EXISTS (SELECT 1 FROM {payments} p WHERE p.stripe_invoice_id = %s AND p.invoice_id IS NULL),"
+        f" {sub_cols}, {invoices.cols('i')} FROM (SELECT 1 AS one) AS x"
+        f" LEFT JOIN ({sub_select}{sql.for_update() if whole_subscription else ''}) s ON true"
+        f" LEFT JOIN (SELECT {invoices.cols('i')} FROM {invoices} i WHERE i.stripe_id = %s{sql.for_update()}) i"
+        f" ON true",
+        [snap.stripe_id, snap.subscription_id, snap.stripe_id],
+    )
+
+
+def invoice_first_read(event: Event) -> tuple[str, list] | None:
+    """The invoice handlers' first read, sent by the inbox with the account's lock."""
+    try:
+        snap = read_invoice(event.obj)
+    except PayloadError:
+        return None  # the handler reports it
+    return _invoice_read(snap, whole_subscription=event.type == "invoice.paid")
+
+
 def _invoice_with_locked_account(snap: InvoiceSnapshot, whole_subscription: bool):
     """Lock the customer's account, then read it, the invoice, its subscription and whether
     refunds wait for the invoice, in one statement after the lock's.
 
     (account or None if never seen, invoice or None, subscription id or None, subscription
     row or None, payments waiting). The subscription row only with ``whole_subscription``.
+    When the inbox sent the lock with the event's INSERT, it sent this read too
+    (``invoice_first_read``): no round trip at all.
     """
-    accounts, invoices, subs, payments = _t(Account), _t(Invoice), _t(Subscription), _t(Payment)
-    _lock_account(snap.customer.customer_id)
-    sub_cols = subs.cols("s") if whole_subscription else "s.id"
-    row = sql.one(
-        f"SELECT EXISTS (SELECT 1 FROM {payments} p WHERE p.stripe_invoice_id = %s AND p.invoice_id IS NULL),"
-        f" {accounts.cols('a')}, {sub_cols}, {invoices.cols('i')} FROM (SELECT 1 AS one) AS x"
-        f" LEFT JOIN {accounts} a ON a.stripe_customer_id = %s"
-        f" LEFT JOIN {subs} s ON s.stripe_id = %s"
-        f" LEFT JOIN {invoices} i ON i.stripe_id = %s",
-        [snap.stripe_id, snap.customer.customer_id, snap.subscription_id, snap.stripe_id],
-    )
+    accounts, invoices, subs = _t(Account), _t(Invoice), _t(Subscription)
+    first = take_first_read(snap.customer.customer_id)
+    if first is not None:
+        account, row = first
+    else:
+        _lock_account(snap.customer.customer_id)
+        read, params = _invoice_read(snap, whole_subscription)
+        row = sql.one(
+            f"SELECT r.*, {accounts.cols('a')} FROM ({read}) AS r"
+            f" LEFT JOIN {accounts} a ON a.stripe_customer_id = %s",
+            [*params, snap.customer.customer_id],
+        )
+        account = None
     offset = 1
-    account = accounts.load(row, offset) if row[offset + accounts.attnames.index("id")] is not None else None
-    offset += accounts.width
     sub_id = row[offset + (subs.attnames.index("id") if whole_subscription else 0)]
     sub = subs.load(row, offset) if whole_subscription and sub_id is not None else None
     offset += subs.width if whole_subscription else 1
     invoice = invoices.load(row, offset) if row[offset + invoices.attnames.index("id")] is not None else None
+    offset += invoices.width
+    if first is None and row[offset + accounts.attnames.index("id")] is not None:
+        account = accounts.load(row, offset)
+    if first is not None and sub_id is None and snap.subscription_id:
+        # Not there when the early read began; it may have been mirrored while it waited.
+        invoice, sub_id = _invoice_and_subscription_id(snap.stripe_id, snap.subscription_id)
+        if whole_subscription and sub_id is not None:
+            sub = _t(Subscription).get("id = %s", [sub_id])
     return account, invoice, sub_id, sub, bool(row[0])
 
 

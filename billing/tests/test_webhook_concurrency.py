@@ -324,3 +324,48 @@ def test_a_delivery_waiting_for_its_event_row_holds_no_account_lock(webhook_url)
     assert [status for status, _ in answers] == [200]
     assert StripeEvent.objects.get(pk="evt_rw_1").status == StripeEvent.Status.PROCESSED
     assert Subscription.objects.get().quantity == 4
+
+
+def test_an_invoice_that_waited_for_the_lock_finds_the_subscription_mirrored_meanwhile(webhook_url):
+    """An invoice's first read goes out with its event's INSERT, before the account's lock is
+    granted. Here its subscription is mirrored (and committed) while it waits: the read did not
+    see it, so the handler looks again under the lock and the invoice is attached to it.
+
+    The race is made certain as above: an outside transaction holds the account's lock while
+    ``customer.subscription.created``, then ``invoice.created``, queue up behind it.
+    """
+    import psycopg
+    from django.db import connection
+
+    sub_id, customer = "sub_race_inv", "cus_race_inv"
+    Account.objects.create(name="Race Ltd", stripe_customer_id=customer)
+    created = subscription_event(
+        "customer.subscription.created", trial_subscription(sub_id, customer), created=T0, event_id="evt_ri_sub"
+    )
+    invoice = trial_invoice_created(sub_id, customer)
+    settings = connection.settings_dict
+    conninfo = psycopg.conninfo.make_conninfo(
+        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"] or None,
+        port=settings["PORT"] or None, password=settings["PASSWORD"] or None,
+    )
+    answers: dict[str, int] = {}
+
+    def post(payload: dict) -> None:
+        answers[payload["id"]] = post_all_at_once(webhook_url, [payload])[0][0]
+
+    with psycopg.connect(conninfo, autocommit=True) as watcher, psycopg.connect(conninfo) as blocker:
+        blocker.execute("SELECT 1 FROM provisioning_account WHERE stripe_customer_id = %s FOR UPDATE", [customer])
+        first = threading.Thread(target=post, args=(created,))
+        first.start()
+        _wait_for_waiters(watcher, 1)
+        second = threading.Thread(target=post, args=(invoice,))
+        second.start()
+        _wait_for_waiters(watcher, 2)
+        blocker.commit()
+        first.join(timeout=60)
+        second.join(timeout=60)
+
+    assert answers == {"evt_ri_sub": 200, invoice["id"]: 200}
+    sub_row, invoice_row = (StripeEvent.objects.get(pk=e["id"]) for e in (created, invoice))
+    assert sub_row.processed_at < invoice_row.processed_at  # the race went as staged
+    assert Invoice.objects.get().subscription == Subscription.objects.get()

@@ -410,3 +410,28 @@ def test_a_retried_failed_event_locks_the_account_itself_after_the_event_row(pos
     account_lock = next(i for i, s in enumerate(statements) if s.startswith('SELECT 1 FROM "provisioning_account"'))
     assert event_lock < account_lock
     assert (stored("evt_inbox_updated").status, Subscription.objects.get().quantity) == ("processed", 4)
+
+
+def test_an_invoice_handlers_read_goes_out_with_the_event_insert(post_event):
+    """``invoice.paid``: the invoice, its subscription (locked) and the waiting payments are read
+    in the statement that stores the event; the handler sends no lock and no read of them."""
+    from .conftest import first_invoice_paid_event
+
+    post_event(subscription_event(
+        "customer.subscription.created", active_subscription("sub_inbox", "cus_inbox"), created=T0,
+        event_id="evt_inbox_created",
+    ))
+    paid = first_invoice_paid_event(
+        "in_inbox", sub_id="sub_inbox", customer="cus_inbox", start=T0, end=T0 + 30 * DAY, created=T0 + 5
+    )
+
+    statements = _statements_of(post_event, paid)
+
+    insert = statements[0]
+    assert insert.startswith("WITH inserted AS (INSERT INTO billing_stripeevent") and ACCOUNT_LOCK in insert
+    assert "FROM \"billing_invoice\" i WHERE i.stripe_id = 'in_inbox' FOR UPDATE" in insert
+    assert "FROM \"billing_subscription\" s WHERE s.stripe_id = 'sub_inbox' FOR UPDATE" in insert
+    assert not [s for s in statements[1:] if 'FROM "billing_payment" p' in s or "provisioning_account\" WHERE" in s]
+    invoice = Invoice.objects.get()
+    assert (invoice.status, invoice.subscription.stripe_id) == ("paid", "sub_inbox")
+    assert Entitlement.objects.get(kind="paid").seats == 1
