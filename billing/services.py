@@ -407,6 +407,9 @@ def link_invoice_to_renewal(invoice: Invoice) -> Renewal | None:
     """
     if invoice.subscription_id is None or invoice.period_start is None:
         return None
+    linked = getattr(invoice, "_linked_renewal", None)
+    if linked is not None and linked.subscription_id == invoice.subscription_id:
+        return linked  # read (locked) with the invoice: what the candidates below would find first
     renewals = _t(Renewal)
     start, end = sql.utc_day(invoice.period_start)
     candidates = renewals.filter(
@@ -525,24 +528,27 @@ def _invoice_and_subscription_id(stripe_id: str, subscription_stripe_id: str) ->
 
 def _invoice_read(snap: InvoiceSnapshot, whole_subscription: bool) -> tuple[str, list]:
     """The read of an invoice handler: whether refunds wait for the invoice, its subscription
-    (the whole row, locked, with ``whole_subscription``; else its id) and the invoice (locked).
+    (the whole row, locked, with ``whole_subscription``; else its id), the invoice (locked) and
+    the renewal already linked to it (locked; links never change, so one found is current).
 
     One row, whatever exists (portable SQL: SQLite runs it too). The rows it reads are locked because it is also sent by the
     inbox before the account's lock is granted (``invoice_first_read``): a row lock returns a
     row's newest version. A row missing from that early read is looked for again later.
     """
-    invoices, subs, payments = _t(Invoice), _t(Subscription), _t(Payment)
+    invoices, subs, payments, renewals = _t(Invoice), _t(Subscription), _t(Payment), _t(Renewal)
     sub_select = f"SELECT {subs.cols('s')} FROM {subs} s WHERE s.stripe_id = %s"
     sub_cols = subs.cols("s")
     if not whole_subscription:
         sub_select, sub_cols = f"SELECT s.id FROM {subs} s WHERE s.stripe_id = %s", "s.id"
     return (
         f"SELECT EXISTS (SELECT 1 FROM {payments} p WHERE p.stripe_invoice_id = %s AND p.invoice_id IS NULL),"
-        f" {sub_cols}, {invoices.cols('i')} FROM (SELECT 1 AS one) AS x"
+        f" {sub_cols}, {invoices.cols('i')}, {renewals.cols('r')} FROM (SELECT 1 AS one) AS x"
         f" LEFT JOIN ({sub_select}{sql.for_update() if whole_subscription else ''}) s ON true"
         f" LEFT JOIN (SELECT {invoices.cols('i')} FROM {invoices} i WHERE i.stripe_id = %s{sql.for_update()}) i"
-        f" ON true",
-        [snap.stripe_id, snap.subscription_id, snap.stripe_id],
+        f" ON true"
+        f" LEFT JOIN (SELECT {renewals.cols('r')} FROM {renewals} r WHERE r.stripe_invoice_id = %s"
+        f" AND r.subscription_id = (SELECT s2.id FROM {subs} s2 WHERE s2.stripe_id = %s){sql.for_update()}) r ON true",
+        [snap.stripe_id, snap.subscription_id, snap.stripe_id, snap.stripe_id, snap.subscription_id],
     )
 
 
@@ -583,11 +589,16 @@ def _invoice_with_locked_account(snap: InvoiceSnapshot, whole_subscription: bool
     offset += subs.width if whole_subscription else 1
     invoice = invoices.load(row, offset) if row[offset + invoices.attnames.index("id")] is not None else None
     offset += invoices.width
+    renewals = _t(Renewal)
+    linked = renewals.load(row, offset) if row[offset + renewals.attnames.index("id")] is not None else None
+    offset += renewals.width
+    if invoice is not None and linked is not None:
+        invoice._linked_renewal = linked
     if first is None and row[offset + accounts.attnames.index("id")] is not None:
         account = accounts.load(row, offset)
     if first is not None and sub_id is None and snap.subscription_id:
         # Not there when the early read began; it may have been mirrored while it waited.
-        invoice, sub_id = _invoice_and_subscription_id(snap.stripe_id, snap.subscription_id)
+        invoice, sub_id = _invoice_and_subscription_id(snap.stripe_id, snap.subscription_id)  # no link read
         if whole_subscription and sub_id is not None:
             sub = _t(Subscription).get("id = %s", [sub_id])
     return account, invoice, sub_id, sub, bool(row[0])
