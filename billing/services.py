@@ -831,7 +831,9 @@ def record_invoice_payment(event: Event) -> None:
     snap = read_invoice_payment(event.obj)
     if not snap.payment_intent_id:
         return
-    payment = _payment_for(snap.payment_intent_id, stripe_invoice_id=snap.invoice_id)
+    # A new payment is attached to its invoice, if mirrored, by the INSERT itself.
+    invoice_id = sql.Expr(f"(SELECT id FROM {_t(Invoice)} WHERE stripe_id = %s)", [snap.invoice_id])
+    payment = _payment_for(snap.payment_intent_id, stripe_invoice_id=snap.invoice_id, invoice_id=invoice_id)
     if payment.stripe_invoice_id != snap.invoice_id:
         _t(Payment).update(payment, {"stripe_invoice_id": snap.invoice_id})
     recompute_refunded(payment)

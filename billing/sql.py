@@ -247,9 +247,10 @@ class Table:
             execute(history_sql, [*history_params, *pks])
         return written if returning else _then(then)
 
-    def _insert_values(self, values: dict) -> tuple[list[str], list]:
+    def _insert_values(self, values: dict) -> tuple[list[str], list[str], list]:
+        """(columns, their placeholders, parameters): a value may be an ``Expr`` (a subquery)."""
         now = timezone.now()
-        columns, params = [], []
+        columns, placeholders, params = [], [], []
         for field in self.insertable:
             name = field.attname
             if name in values:
@@ -259,8 +260,13 @@ class Table:
             else:
                 value = field.get_default()
             columns.append(self._quoted[name])
-            params.append(value)
-        return columns, params
+            if isinstance(value, Expr):
+                placeholders.append(value.sql)
+                params.extend(value.params)
+            else:
+                placeholders.append("%s")
+                params.append(value)
+        return columns, placeholders, params
 
     def insert(
         self, values: dict, *, reason: str | None = None, on_conflict: Sequence[str] | None = None
@@ -278,8 +284,8 @@ class Table:
         """
         columns, groups, params = None, [], []
         for values in many:
-            columns, row_params = self._insert_values(values)
-            groups.append("(" + ", ".join(["%s"] * len(row_params)) + ")")
+            columns, placeholders, row_params = self._insert_values(values)
+            groups.append("(" + ", ".join(placeholders) + ")")
             params.extend(row_params)
         if not groups:
             return []

@@ -101,3 +101,27 @@ def test_setup_intent_succeeded_puts_a_payment_method_on_file(post_event):
     assert post_event(event_object(type="setup_intent.succeeded", obj=older, created=T0 - 50)).status_code == 200
     account.refresh_from_db()
     assert account.default_payment_method_id == "pm_card"
+
+
+def test_a_payment_of_a_mirrored_invoice_is_attached_by_its_insert(post_event):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    assert post_event(paid_invoice()).status_code == 200
+    with CaptureQueriesContext(connection) as captured:
+        assert post_event(invoice_paid_by_intent()).status_code == 200
+    statements = [q["sql"] for q in captured.captured_queries]
+
+    insert = next(s for s in statements if 'INSERT INTO "billing_payment"' in s)
+    assert f"(SELECT id FROM \"billing_invoice\" WHERE stripe_id = '{INV}')" in insert
+    assert not [s for s in statements if s.startswith('SELECT id FROM "billing_invoice"')], statements
+    assert not [s for s in statements if 'UPDATE "billing_payment"' in s], statements
+    assert Payment.objects.get(payment_intent_id=PI).invoice.stripe_id == INV
+
+
+def test_a_payment_before_its_invoice_is_attached_when_the_invoice_arrives(post_event):
+    assert post_event(invoice_paid_by_intent()).status_code == 200
+    assert Payment.objects.get(payment_intent_id=PI).invoice is None  # the subquery found nothing
+
+    assert post_event(paid_invoice()).status_code == 200
+    assert Payment.objects.get(payment_intent_id=PI).invoice.stripe_id == INV
