@@ -211,6 +211,45 @@ def test_concurrent_deliveries_of_a_failing_event_apply_nothing_and_count_every_
     assert len(mail.outbox) == 1
 
 
+def _outside_conninfo() -> str:
+    """How a connection outside the live server's reaches the test database (to stage races)."""
+    import psycopg
+    from django.db import connection
+
+    settings = connection.settings_dict
+    return psycopg.conninfo.make_conninfo(
+        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"] or None,
+        port=settings["PORT"] or None, password=settings["PASSWORD"] or None,
+    )
+
+
+def _queued_behind_the_account_lock(webhook_url: str, customer: str, first: dict, second: dict) -> dict[str, int]:
+    """Deliver ``first`` then ``second`` while an outside transaction holds the account's lock.
+
+    Each waits for the lock before the next is sent (PostgreSQL grants a row lock first come,
+    first served), then the lock is released: the order in which they get it is certain.
+    """
+    import psycopg
+
+    conninfo = _outside_conninfo()
+    answers: dict[str, int] = {}
+
+    def post(payload: dict) -> None:
+        answers[payload["id"]] = post_all_at_once(webhook_url, [payload])[0][0]
+
+    with psycopg.connect(conninfo, autocommit=True) as watcher, psycopg.connect(conninfo) as blocker:
+        blocker.execute("SELECT 1 FROM provisioning_account WHERE stripe_customer_id = %s FOR UPDATE", [customer])
+        threads = []
+        for count, payload in enumerate((first, second), start=1):
+            threads.append(threading.Thread(target=post, args=(payload,)))
+            threads[-1].start()
+            _wait_for_waiters(watcher, count)
+        blocker.commit()
+        for thread in threads:
+            thread.join(timeout=60)
+    return answers
+
+
 def _backends_waiting_for_a_lock(conn) -> int:
     row = conn.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
@@ -235,9 +274,6 @@ def test_an_older_snapshot_that_waited_for_the_lock_never_overwrites_a_newer_one
     is made certain: an outside transaction holds the account's lock while the newer delivery,
     then the older one, queue up behind it (PostgreSQL grants a row lock first come, first served).
     """
-    import psycopg
-    from django.db import connection
-
     sub_id, customer = "sub_race_order", "cus_race_order"
     created = subscription_event(
         "customer.subscription.created", active_subscription(sub_id, customer), created=T0, event_id="evt_ro_0"
@@ -251,27 +287,7 @@ def test_an_older_snapshot_that_waited_for_the_lock_never_overwrites_a_newer_one
         "customer.subscription.updated", active_subscription(sub_id, customer, quantity=3),
         created=T0 + 100, event_id="evt_ro_older",
     )
-    settings = connection.settings_dict
-    conninfo = psycopg.conninfo.make_conninfo(
-        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"] or None,
-        port=settings["PORT"] or None, password=settings["PASSWORD"] or None,
-    )
-    answers: dict[str, int] = {}
-
-    def post(payload: dict) -> None:
-        answers[payload["id"]] = post_all_at_once(webhook_url, [payload])[0][0]
-
-    with psycopg.connect(conninfo, autocommit=True) as watcher, psycopg.connect(conninfo) as blocker:
-        blocker.execute("SELECT 1 FROM provisioning_account WHERE stripe_customer_id = %s FOR UPDATE", [customer])
-        first = threading.Thread(target=post, args=(newer,))
-        first.start()
-        _wait_for_waiters(watcher, 1)
-        second = threading.Thread(target=post, args=(older,))
-        second.start()
-        _wait_for_waiters(watcher, 2)
-        blocker.commit()
-        first.join(timeout=60)
-        second.join(timeout=60)
+    answers = _queued_behind_the_account_lock(webhook_url, customer, newer, older)
 
     assert answers == {"evt_ro_newer": 200, "evt_ro_older": 200}
     newer_row, older_row = (StripeEvent.objects.get(pk=e["id"]) for e in (newer, older))
@@ -289,7 +305,6 @@ def test_a_delivery_waiting_for_its_event_row_holds_no_account_lock(webhook_url)
     delivery, asking for the account next, would wait for it: a deadlock.
     """
     import psycopg
-    from django.db import connection
 
     sub_id, customer = "sub_race_rowwait", "cus_race_rowwait"
     created = subscription_event(
@@ -300,11 +315,7 @@ def test_a_delivery_waiting_for_its_event_row_holds_no_account_lock(webhook_url)
         "customer.subscription.updated", active_subscription(sub_id, customer, quantity=4),
         created=T0 + 60, event_id="evt_rw_1",
     )
-    settings = connection.settings_dict
-    conninfo = psycopg.conninfo.make_conninfo(
-        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"] or None,
-        port=settings["PORT"] or None, password=settings["PASSWORD"] or None,
-    )
+    conninfo = _outside_conninfo()
     answers = []
     with psycopg.connect(conninfo, autocommit=True) as watcher, psycopg.connect(conninfo) as first:
         first.execute(
@@ -334,36 +345,13 @@ def test_an_invoice_that_waited_for_the_lock_finds_the_subscription_mirrored_mea
     The race is made certain as above: an outside transaction holds the account's lock while
     ``customer.subscription.created``, then ``invoice.created``, queue up behind it.
     """
-    import psycopg
-    from django.db import connection
-
     sub_id, customer = "sub_race_inv", "cus_race_inv"
     Account.objects.create(name="Race Ltd", stripe_customer_id=customer)
     created = subscription_event(
         "customer.subscription.created", trial_subscription(sub_id, customer), created=T0, event_id="evt_ri_sub"
     )
     invoice = trial_invoice_created(sub_id, customer)
-    settings = connection.settings_dict
-    conninfo = psycopg.conninfo.make_conninfo(
-        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"] or None,
-        port=settings["PORT"] or None, password=settings["PASSWORD"] or None,
-    )
-    answers: dict[str, int] = {}
-
-    def post(payload: dict) -> None:
-        answers[payload["id"]] = post_all_at_once(webhook_url, [payload])[0][0]
-
-    with psycopg.connect(conninfo, autocommit=True) as watcher, psycopg.connect(conninfo) as blocker:
-        blocker.execute("SELECT 1 FROM provisioning_account WHERE stripe_customer_id = %s FOR UPDATE", [customer])
-        first = threading.Thread(target=post, args=(created,))
-        first.start()
-        _wait_for_waiters(watcher, 1)
-        second = threading.Thread(target=post, args=(invoice,))
-        second.start()
-        _wait_for_waiters(watcher, 2)
-        blocker.commit()
-        first.join(timeout=60)
-        second.join(timeout=60)
+    answers = _queued_behind_the_account_lock(webhook_url, customer, created, invoice)
 
     assert answers == {"evt_ri_sub": 200, invoice["id"]: 200}
     sub_row, invoice_row = (StripeEvent.objects.get(pk=e["id"]) for e in (created, invoice))
