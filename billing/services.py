@@ -411,12 +411,18 @@ def link_invoice_to_renewal(invoice: Invoice) -> Renewal | None:
     if linked is not None and linked.subscription_id == invoice.subscription_id:
         return linked  # read (locked) with the invoice: what the candidates below would find first
     renewals = _t(Renewal)
-    start, end = sql.utc_day(invoice.period_start)
-    candidates = renewals.filter(
-        "subscription_id = %s AND ((effective_date >= %s AND effective_date < %s) OR stripe_invoice_id = %s)",
-        [invoice.subscription_id, start, end, invoice.stripe_id],
-        lock=True,
-    )
+    exact = getattr(invoice, "_exact_renewal", None)
+    if exact is not None and exact.subscription_id == invoice.subscription_id and exact.effective_date == invoice.period_start:
+        # Read (locked) with the invoice. No renewal is linked to the invoice (that read found
+        # none), and the exact instant beats every same-day candidate: the decision is this one's.
+        candidates = [exact]
+    else:
+        start, end = sql.utc_day(invoice.period_start)
+        candidates = renewals.filter(
+            "subscription_id = %s AND ((effective_date >= %s AND effective_date < %s) OR stripe_invoice_id = %s)",
+            [invoice.subscription_id, start, end, invoice.stripe_id],
+            lock=True,
+        )
     decision = matching.decide_link(
         ((r.effective_date, r.stripe_invoice_id, r) for r in candidates),
         invoice.stripe_id,
@@ -528,27 +534,33 @@ def _invoice_and_subscription_id(stripe_id: str, subscription_stripe_id: str) ->
 
 def _invoice_read(snap: InvoiceSnapshot, whole_subscription: bool) -> tuple[str, list]:
     """The read of an invoice handler: whether refunds wait for the invoice, its subscription
-    (the whole row, locked, with ``whole_subscription``; else its id), the invoice (locked) and
-    the renewal already linked to it (locked; links never change, so one found is current).
+    (the whole row, locked, with ``whole_subscription``; else its id), the invoice (locked), the
+    renewal already linked to it (locked; links never change, so one found is current) and the
+    renewal effective at the exact start of its period (locked; by the matching rule it wins
+    over any other candidate, and there is at most one).
 
     One row, whatever exists (portable SQL: SQLite runs it too). The rows it reads are locked because it is also sent by the
     inbox before the account's lock is granted (``invoice_first_read``): a row lock returns a
     row's newest version. A row missing from that early read is looked for again later.
     """
     invoices, subs, payments, renewals = _t(Invoice), _t(Subscription), _t(Payment), _t(Renewal)
+    line = snap.subscription_line
     sub_select = f"SELECT {subs.cols('s')} FROM {subs} s WHERE s.stripe_id = %s"
     sub_cols = subs.cols("s")
     if not whole_subscription:
         sub_select, sub_cols = f"SELECT s.id FROM {subs} s WHERE s.stripe_id = %s", "s.id"
     return (
         f"SELECT EXISTS (SELECT 1 FROM {payments} p WHERE p.stripe_invoice_id = %s AND p.invoice_id IS NULL),"
-        f" {sub_cols}, {invoices.cols('i')}, {renewals.cols('r')} FROM (SELECT 1 AS one) AS x"
+        f" {sub_cols}, {invoices.cols('i')}, {renewals.cols('r')}, {renewals.cols('e')} FROM (SELECT 1 AS one) AS x"
         f" LEFT JOIN ({sub_select}{sql.for_update() if whole_subscription else ''}) s ON true"
         f" LEFT JOIN (SELECT {invoices.cols('i')} FROM {invoices} i WHERE i.stripe_id = %s{sql.for_update()}) i"
         f" ON true"
         f" LEFT JOIN (SELECT {renewals.cols('r')} FROM {renewals} r WHERE r.stripe_invoice_id = %s"
-        f" AND r.subscription_id = (SELECT s2.id FROM {subs} s2 WHERE s2.stripe_id = %s){sql.for_update()}) r ON true",
-        [snap.stripe_id, snap.subscription_id, snap.stripe_id, snap.stripe_id, snap.subscription_id],
+        f" AND r.subscription_id = (SELECT s2.id FROM {subs} s2 WHERE s2.stripe_id = %s){sql.for_update()}) r ON true"
+        f" LEFT JOIN (SELECT {renewals.cols('e')} FROM {renewals} e WHERE e.effective_date = %s"
+        f" AND e.subscription_id = (SELECT s3.id FROM {subs} s3 WHERE s3.stripe_id = %s){sql.for_update()}) e ON true",
+        [snap.stripe_id, snap.subscription_id, snap.stripe_id, snap.stripe_id, snap.subscription_id,
+         line.period_start if line else None, snap.subscription_id],
     )
 
 
@@ -566,7 +578,8 @@ def _invoice_with_locked_account(snap: InvoiceSnapshot, whole_subscription: bool
     refunds wait for the invoice, in one statement after the lock's.
 
     (account or None if never seen, invoice or None, subscription id or None, subscription
-    row or None, payments waiting). The subscription row only with ``whole_subscription``.
+    row or None, payments waiting, (linked renewal, exact renewal) as ``_remember`` takes them).
+    The subscription row only with ``whole_subscription``.
     When the inbox sent the lock with the event's INSERT, it sent this read too
     (``invoice_first_read``): no round trip at all.
     """
@@ -592,8 +605,8 @@ def _invoice_with_locked_account(snap: InvoiceSnapshot, whole_subscription: bool
     renewals = _t(Renewal)
     linked = renewals.load(row, offset) if row[offset + renewals.attnames.index("id")] is not None else None
     offset += renewals.width
-    if invoice is not None and linked is not None:
-        invoice._linked_renewal = linked
+    exact = renewals.load(row, offset) if row[offset + renewals.attnames.index("id")] is not None else None
+    offset += renewals.width
     if first is None and row[offset + accounts.attnames.index("id")] is not None:
         account = accounts.load(row, offset)
     if first is not None and sub_id is None and snap.subscription_id:
@@ -601,7 +614,7 @@ def _invoice_with_locked_account(snap: InvoiceSnapshot, whole_subscription: bool
         invoice, sub_id = _invoice_and_subscription_id(snap.stripe_id, snap.subscription_id)  # no link read
         if whole_subscription and sub_id is not None:
             sub = _t(Subscription).get("id = %s", [sub_id])
-    return account, invoice, sub_id, sub, bool(row[0])
+    return account, invoice, sub_id, sub, bool(row[0]), (linked, exact)
 
 
 def mirror_invoice(event: Event, *, whole_subscription: bool = False) -> tuple[Invoice, bool]:
@@ -611,11 +624,11 @@ def mirror_invoice(event: Event, *, whole_subscription: bool = False) -> tuple[I
     (``invoice.subscription``), read in the same round trip.
     """
     snap = read_invoice(event.obj)
-    account, invoice, sub_id, sub, payments_waiting = _invoice_with_locked_account(snap, whole_subscription)
+    account, invoice, sub_id, sub, payments_waiting, renewals = _invoice_with_locked_account(snap, whole_subscription)
     if account is None:  # a customer never seen: create its account, then read again under its lock
         account = account_for(snap.customer)
         invoice, sub_id = _invoice_and_subscription_id(snap.stripe_id, snap.subscription_id)
-        sub, payments_waiting = None, True
+        sub, payments_waiting, renewals = None, True, (None, None)
     else:
         provisioning.learn_customer_details(account, snap.customer.name, snap.customer.email)
     line = snap.subscription_line
@@ -653,7 +666,7 @@ def mirror_invoice(event: Event, *, whole_subscription: bool = False) -> tuple[I
         )
         if invoice is not None:
             sql.attach(invoice, "account", account)
-            _remember(invoice, sub, payments_waiting)
+            _remember(invoice, sub, payments_waiting, renewals)
             _write_lines(invoice, snap, replace=False)
             return invoice, True
         # Mirrored meanwhile by a writer that did not hold the account's lock (an operator's
@@ -662,7 +675,7 @@ def mirror_invoice(event: Event, *, whole_subscription: bool = False) -> tuple[I
     if invoice.account_id == account.pk:
         sql.attach(invoice, "account", account)
     if _older_than_stored(invoice, event) or _status_moves_backwards(invoice.status, snap.status):
-        _remember(invoice, sub, payments_waiting)
+        _remember(invoice, sub, payments_waiting, renewals)
         return invoice, False
     if sub_id is None:
         values["subscription_id"] = invoice.subscription_id  # never forget a known subscription
@@ -671,15 +684,20 @@ def mirror_invoice(event: Event, *, whole_subscription: bool = False) -> tuple[I
     _save_changes(invoice, values, event, event.type)
     if was_draft:
         _write_lines(invoice, snap, replace=True)  # lines only change while the invoice is a draft
-    _remember(invoice, sub, payments_waiting)
+    _remember(invoice, sub, payments_waiting, renewals)
     return invoice, True
 
 
-def _remember(invoice: Invoice, sub: Subscription | None, payments_waiting: bool) -> None:
-    """Keep what the first read learnt on the invoice, for the rest of the handler."""
+def _remember(invoice: Invoice, sub: Subscription | None, payments_waiting: bool, renewals: tuple) -> None:
+    """Keep what the first read learnt on the invoice, for the rest of the handler.
+
+    ``renewals``: (the renewal linked to the invoice, the one effective at the exact start of
+    its period), each None if not found (``link_invoice_to_renewal`` then reads the candidates).
+    """
     if sub is not None and invoice.subscription_id == sub.pk:
         sql.attach(invoice, "subscription", sub)
     invoice._payments_waiting = payments_waiting
+    invoice._linked_renewal, invoice._exact_renewal = renewals
 
 
 def _write_lines(invoice: Invoice, snap: InvoiceSnapshot, replace: bool) -> None:

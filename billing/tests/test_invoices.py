@@ -177,18 +177,19 @@ def test_payment_failed_owes_one_billing_error_per_attempt(post_event):
     assert not Entitlement.objects.filter(kind="paid").exists()
 
 
-def test_a_renewal_linked_already_is_read_with_the_invoice_and_not_looked_for_again(post_event):
-    """``invoice.finalized`` and ``invoice.paid`` of a linked invoice: the renewal comes with the
-    handler's first read (locked), so no candidate renewals are read; paid still processes it."""
+def test_the_renewals_an_invoice_needs_are_read_with_it_and_not_looked_for_again(post_event):
+    """The renewal effective at the exact start of the invoice's period (``invoice.created``),
+    then the renewal linked to it (``.finalized``, ``.paid``), come with the handler's first
+    read, locked: no candidate renewals are read, and the renewal is linked and processed."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
     renewal = trial_started(post_event)
-    assert post_event(invoice_event("invoice.created", renewal_invoice("in_r1", status="draft"), TRIAL_END)).status_code == 200
+    created = invoice_event("invoice.created", renewal_invoice("in_r1", status="draft"), TRIAL_END)
     finalized = invoice_event("invoice.finalized", renewal_invoice("in_r1", status="open"), TRIAL_END + 3600)
     paid = invoice_event("invoice.paid", renewal_invoice("in_r1", status="paid"), TRIAL_END + 3605)
 
-    for event in (finalized, paid):
+    for event in (created, finalized, paid):
         with CaptureQueriesContext(connection) as captured:
             assert post_event(event).status_code == 200
         candidate_reads = [q["sql"] for q in captured.captured_queries if q["sql"].startswith('SELECT "id", "subscription_id"')]
