@@ -18,8 +18,11 @@ signature and the envelope):
 
 For the events of a customer, the handler's first act is to lock the customer's account (every
 writer of a customer's rows does, ``billing.services``). The handler declares that at
-registration (``handles(..., locks_account_of=...)``), and the INSERT statement takes the lock
-too, so the handler's own request for it is free (``holds_account_lock``): one round trip less.
+registration (``handles(..., locks_account_of=..., reads_first=...)``), and the INSERT
+statement takes the lock too, once it has created the row, and sends the handler's first read
+after it: the handler's own lock is free (``holds_account_lock``) and its read is handed over
+(``take_first_read``), two round trips less. docs/decisions/0005-webhook-hot-path-sql.rst
+says why that read locks every row it reads.
 
 On the common path an event costs the inbox one INSERT and the COMMIT: no savepoint, no
 UPDATE (``make bench`` measures it against a minimal webhook). (psycopg's pipeline mode was
@@ -52,6 +55,7 @@ logger = logging.getLogger(__name__)
 Status = StripeEvent.Status
 DUPLICATE = "duplicate"
 MAX_ERROR_CHARS = 8000
+
 
 class _Locked(NamedTuple):
     """What the event's INSERT statement locked and read for the handler (``_insert_locking``)."""

@@ -50,8 +50,11 @@ def handles(
     ``(select, params)``: the inbox sends it in that same statement and hands the row over
     (``billing.inbox.take_first_read``). The select may use ``locked``, the locked account row.
     It sees the database as the statement began, before any wait for the lock, so it must
-    lock (``FOR UPDATE``) every row it reads: a row lock returns the row's newest version.
+    lock (``FOR UPDATE``) every row it reads (a row lock returns the row's newest version), and
+    the handler must look again for a row it did not find (it may have been created meanwhile).
     """
+    if reads_first is not None and locks_account_of is None:
+        raise RegistryError(f"{event_types}: reads_first needs locks_account_of (it is sent after that lock)")
 
     def decorator(func: Handler) -> Handler:
         path = f"{func.__module__}:{func.__qualname__}"
@@ -60,8 +63,6 @@ def handles(
         if locks_account_of is not None:
             _account_of[path] = locks_account_of
         if reads_first is not None:
-            if locks_account_of is None:
-                raise RegistryError(f"{path}: reads_first needs locks_account_of")
             _first_read[path] = reads_first
         return func
 

@@ -122,3 +122,9 @@ def test_registering_the_same_handler_again_is_allowed():
     registry.register(path, "invoice.paid")
 
     assert registry.registered_types()["invoice.paid"] == path
+
+
+def test_a_first_read_without_the_account_lock_it_follows_is_refused():
+    with pytest.raises(registry.RegistryError, match="reads_first needs locks_account_of"):
+        registry.handles("test.first.read", reads_first=lambda event: ("SELECT 1", []))(lambda event: None)
+    assert "test.first.read" not in registry.registered_types()  # refused before registering
