@@ -229,11 +229,8 @@ def _subscription_with_locked_account(stripe_id: str, customer_id: str, snap=Non
     _lock_account(customer_id)
     seats_differ, params = "NULL", []
     if snap is not None and snap.current_period_start is not None:
-        seats_differ = (
-            f"EXISTS (SELECT 1 FROM {_t(Entitlement)} e WHERE e.stripe_subscription_id = s.stripe_id"
-            f" AND e.starts_at = %s AND e.seats <> %s)"
-        )
-        params = [snap.current_period_start, snap.quantity]
+        seats = _seats_differ_sql(stripe_id, snap)
+        seats_differ, params = seats.sql, seats.params
     row = sql.one(
         f"SELECT {subs.cols('s')}, {accounts.cols('a')}, {seats_differ} FROM {subs} s"
         f" JOIN {accounts} a ON a.id = s.account_id"
@@ -539,26 +536,26 @@ def _invoice_read(snap: InvoiceSnapshot, whole_subscription: bool) -> tuple[str,
     renewal effective at the exact start of its period (locked; by the matching rule it wins
     over any other candidate, and there is at most one).
 
-    One row, whatever exists (portable SQL: SQLite runs it too). The rows it reads are locked because it is also sent by the
-    inbox before the account's lock is granted (``invoice_first_read``): a row lock returns a
-    row's newest version. A row missing from that early read is looked for again later.
+    One row, whatever exists, in portable SQL (SQLite runs it too: no LATERAL, so each renewal's
+    subquery names the subscription again). The rows it reads are locked because it is also
+    sent by the inbox before the account's lock is granted (``invoice_first_read``): a row lock
+    returns a row's newest version. A row missing from that early read is looked for again later.
     """
     invoices, subs, payments, renewals = _t(Invoice), _t(Subscription), _t(Payment), _t(Renewal)
     line = snap.subscription_line
-    sub_select = f"SELECT {subs.cols('s')} FROM {subs} s WHERE s.stripe_id = %s"
-    sub_cols = subs.cols("s")
-    if not whole_subscription:
-        sub_select, sub_cols = f"SELECT s.id FROM {subs} s WHERE s.stripe_id = %s", "s.id"
+    lock = sql.for_update()
+    sub_cols = subs.cols("s") if whole_subscription else "s.id"
+    sub_id = f"(SELECT id FROM {subs} WHERE stripe_id = %s)"
     return (
         f"SELECT EXISTS (SELECT 1 FROM {payments} p WHERE p.stripe_invoice_id = %s AND p.invoice_id IS NULL),"
         f" {sub_cols}, {invoices.cols('i')}, {renewals.cols('r')}, {renewals.cols('e')} FROM (SELECT 1 AS one) AS x"
-        f" LEFT JOIN ({sub_select}{sql.for_update() if whole_subscription else ''}) s ON true"
-        f" LEFT JOIN (SELECT {invoices.cols('i')} FROM {invoices} i WHERE i.stripe_id = %s{sql.for_update()}) i"
+        f" LEFT JOIN (SELECT {sub_cols} FROM {subs} s WHERE s.stripe_id = %s{lock if whole_subscription else ''}) s"
         f" ON true"
-        f" LEFT JOIN (SELECT {renewals.cols('r')} FROM {renewals} r WHERE r.stripe_invoice_id = %s"
-        f" AND r.subscription_id = (SELECT s2.id FROM {subs} s2 WHERE s2.stripe_id = %s){sql.for_update()}) r ON true"
-        f" LEFT JOIN (SELECT {renewals.cols('e')} FROM {renewals} e WHERE e.effective_date = %s"
-        f" AND e.subscription_id = (SELECT s3.id FROM {subs} s3 WHERE s3.stripe_id = %s){sql.for_update()}) e ON true",
+        f" LEFT JOIN (SELECT {invoices.cols('i')} FROM {invoices} i WHERE i.stripe_id = %s{lock}) i ON true"
+        f" LEFT JOIN (SELECT {renewals.cols('r')} FROM {renewals} r"
+        f" WHERE r.stripe_invoice_id = %s AND r.subscription_id = {sub_id}{lock}) r ON true"
+        f" LEFT JOIN (SELECT {renewals.cols('e')} FROM {renewals} e"
+        f" WHERE e.effective_date = %s AND e.subscription_id = {sub_id}{lock}) e ON true",
         [snap.stripe_id, snap.subscription_id, snap.stripe_id, snap.stripe_id, snap.subscription_id,
          line.period_start if line else None, snap.subscription_id],
     )
