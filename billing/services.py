@@ -344,10 +344,31 @@ def ensure_renewal(sub: Subscription, effective_date: datetime, *, need_row: boo
 
     One read answers both "is there such a renewal?" and "is there an unlinked invoice of that
     day it could be linked to?". A renewal planned ahead (``need_row=False``: the caller does
-    not use it) whose invoice has not arrived is then inserted without reading it back; None.
+    not use the result) is inserted by a statement that asks both questions itself
+    (``Table.insert_where``): one round trip where there were two, and only when an invoice of
+    that day is waiting does it take the way that links them.
     """
     renewals, invoices = _t(Renewal), _t(Invoice)
     start, end = sql.utc_day(effective_date)
+    values = {"subscription_id": sub.pk, "effective_date": effective_date}
+    conflict = ["subscription_id", "effective_date"]
+    if not need_row:
+        # The common case in one statement: inserted unless a renewal of that day exists or an
+        # invoice of that day waits for one (then the full way below, which links it).
+        same_day = sql.Expr(
+            f"EXISTS (SELECT 1 FROM {renewals} r WHERE r.subscription_id = %s AND r.effective_date >= %s"
+            f" AND r.effective_date < %s)", [sub.pk, start, end])
+        waiting = sql.Expr(f"EXISTS (SELECT 1 FROM {invoices} i WHERE {_unlinked_invoices_of_the_day('i')})",
+                           [sub.pk, start, end])
+        found = renewals.insert_where(
+            values,
+            sql.Expr(f"NOT {same_day.sql} AND NOT {waiting.sql}", [*same_day.params, *waiting.params]),
+            then=sql.Expr(f"CASE WHEN {same_day.sql} THEN 1 WHEN {waiting.sql} THEN 2 ELSE 0 END",
+                          [*same_day.params, *waiting.params]),
+            on_conflict=conflict,
+        )
+        if found != 2:
+            return None  # planned now, or planned already
     found = sql.rows(
         f"SELECT {renewals.cols('r')}, x.invoice_waiting FROM (SELECT EXISTS (SELECT 1 FROM {invoices} i"
         f" WHERE {_unlinked_invoices_of_the_day('i')}) AS invoice_waiting) AS x"
@@ -359,12 +380,7 @@ def ensure_renewal(sub: Subscription, effective_date: datetime, *, need_row: boo
     renewal = matching.pick_by_instant(((r.effective_date, r) for r in candidates), effective_date)
     if renewal is not None:
         return renewal
-    values = {"subscription_id": sub.pk, "effective_date": effective_date}
-    conflict = ["subscription_id", "effective_date"]
     invoice_waiting = bool(found[0][-1])
-    if not need_row and not invoice_waiting:
-        renewals.insert_many([values], on_conflict=conflict, returning=False)
-        return None
     renewal = renewals.insert(values, on_conflict=conflict)
     if renewal is None:  # created meanwhile by a writer that did not hold the account's lock
         return renewals.get("subscription_id = %s AND effective_date = %s", [sub.pk, effective_date])
@@ -459,13 +475,16 @@ def _grant_paid_period(sub: Subscription, invoice: Invoice) -> None:
         _end_subscription(sub)
 
 
-def _relink_renewal_entitlements(sub: Subscription) -> None:
+def _relink_renewal_entitlements(sub: Subscription, processing: tuple[Renewal, datetime, str] | None = None) -> None:
     """Each processed renewal moves from the window before it to the paid window it starts.
 
     "The window before it": the subscription's entitlement that starts last before the
     renewal's date (the later-created on a tie); "the paid window it starts": the first paid
     entitlement starting at that date. One UPDATE, nothing read back; only renewals whose
     links change are written (and get a history row).
+
+    ``processing`` (renewal, processed_at, reason): the same UPDATE marks that renewal
+    processed, with its reason in its history row; one statement where there were two.
     """
     renewals, entitlements = _t(Renewal), _t(Entitlement)
     from_sql = (
@@ -477,11 +496,20 @@ def _relink_renewal_entitlements(sub: Subscription) -> None:
         f" AND e.starts_at = {renewals}.effective_date ORDER BY e.id LIMIT 1)"
     )
     from_params, to_params = [sub.stripe_id], [sub.stripe_id, Entitlement.Kind.PAID]
+    values = {"from_entitlement_id": sql.Expr(from_sql, from_params), "to_entitlement_id": sql.Expr(to_sql, to_params)}
+    relinked = (f"processed_at IS NOT NULL AND (COALESCE(from_entitlement_id, 0) <> COALESCE({from_sql}, 0)"
+                f" OR COALESCE(to_entitlement_id, 0) <> COALESCE({to_sql}, 0))")
+    if processing is None:
+        renewals.update_where(values, f"subscription_id = %s AND {relinked}", [sub.pk, *from_params, *to_params])
+        return
+    renewal, processed_at, reason = processing
+    pk = renewals.pk_column
+    values["processed_at"] = sql.Expr(f"CASE WHEN {pk} = %s THEN %s ELSE processed_at END", [renewal.pk, processed_at])
     renewals.update_where(
-        {"from_entitlement_id": sql.Expr(from_sql, from_params), "to_entitlement_id": sql.Expr(to_sql, to_params)},
-        f"subscription_id = %s AND processed_at IS NOT NULL AND (COALESCE(from_entitlement_id, 0) <>"
-        f" COALESCE({from_sql}, 0) OR COALESCE(to_entitlement_id, 0) <> COALESCE({to_sql}, 0))",
-        [sub.pk, *from_params, *to_params],
+        values,
+        f"subscription_id = %s AND ({pk} = %s OR {relinked})",
+        [sub.pk, renewal.pk, *from_params, *to_params],
+        reason=sql.Expr(f"CASE WHEN {pk} = %s THEN %s END", [renewal.pk, reason]),
     )
 
 
@@ -491,15 +519,12 @@ def process_renewal(renewal: Renewal, invoice: Invoice, sub: Subscription) -> bo
     ``renewal`` was read under the account's lock, which every writer of ``processed_at``
     holds: what it says is current.
     """
-    renewals = _t(Renewal)
     if renewal.processed_at is not None:
         return False
     _grant_paid_period(sub, invoice)
-    renewals.update(
-        renewal,
-        {"processed_at": invoice.paid_at or invoice.last_event_created},
-        reason=f"processed by {invoice.stripe_id}",
-    )
+    processed_at = invoice.paid_at or invoice.last_event_created
+    _relink_renewal_entitlements(sub, processing=(renewal, processed_at, f"processed by {invoice.stripe_id}"))
+    renewal.processed_at = processed_at
     return True
 
 
@@ -758,8 +783,8 @@ def settle_paid_invoice(invoice: Invoice) -> None:
         else:
             # A renewal created here is linked to this (already mirrored) invoice by ensure_renewal.
             renewal = link_invoice_to_renewal(invoice) or ensure_renewal(sub, invoice.period_start)
-            process_renewal(renewal, invoice, sub)
-            _relink_renewal_entitlements(sub)
+            if not process_renewal(renewal, invoice, sub):  # which relinks them when it processes
+                _relink_renewal_entitlements(sub)
     if invoice.total > 0:
         owe_email(OwedEmail.Kind.RECEIPT, key=f"receipt:{invoice.stripe_id}", account=invoice.account, invoice=invoice)
 
@@ -846,11 +871,26 @@ def record_invoice_payment(event: Event) -> None:
     snap = read_invoice_payment(event.obj)
     if not snap.payment_intent_id:
         return
-    # A new payment is attached to its invoice, if mirrored, by the INSERT itself.
+    payments = _t(Payment)
+    # A new payment is attached to its invoice, if mirrored, by the INSERT itself, which also
+    # says whether any refund of the PaymentIntent is known. If none is, the new payment adds
+    # nothing to its invoice's refunded amount and there is nothing to recompute. A refund
+    # written concurrently is not missed: its writer inserts this same payment row
+    # (``_payment_for``), so it waits for this transaction and recomputes after it.
     invoice_id = sql.Expr(f"(SELECT id FROM {_t(Invoice)} WHERE stripe_id = %s)", [snap.invoice_id])
-    payment = _payment_for(snap.payment_intent_id, stripe_invoice_id=snap.invoice_id, invoice_id=invoice_id)
+    refunds_known = sql.Expr(f"EXISTS (SELECT 1 FROM {_t(Refund)} r WHERE r.payment_intent_id = %s)",
+                             [snap.payment_intent_id])
+    payment, refunded = payments.insert_then(
+        {"payment_intent_id": snap.payment_intent_id, "stripe_invoice_id": snap.invoice_id, "invoice_id": invoice_id},
+        refunds_known,
+        on_conflict=["payment_intent_id"],
+    )
+    if payment is not None and not refunded:
+        return
+    if payment is None:
+        payment = payments.get("payment_intent_id = %s", [snap.payment_intent_id], lock=True)
     if payment.stripe_invoice_id != snap.invoice_id:
-        _t(Payment).update(payment, {"stripe_invoice_id": snap.invoice_id})
+        payments.update(payment, {"stripe_invoice_id": snap.invoice_id})
     recompute_refunded(payment)
 
 

@@ -200,15 +200,22 @@ class Table:
 
     # --- writing ---------------------------------------------------------------------------
 
-    def _history_sql(self, source: str, history_type: str, reason: str | None) -> tuple[str, list]:
-        """``INSERT`` of the history rows of every row of ``source`` (a CTE or a filtered table)."""
+    def _history_sql(self, source: str, history_type: str, reason: str | Expr | None) -> tuple[str, list]:
+        """``INSERT`` of the history rows of every row of ``source`` (a CTE or a filtered table).
+
+        ``reason`` may be an ``Expr`` over the written row's columns: one statement that writes
+        several rows for different reasons gives each its own.
+        """
         columns = ", ".join(self.tracked)
+        if isinstance(reason, Expr):
+            reason_sql, reason_params = f"SUBSTR({reason.sql}, 1, {HISTORY_REASON_MAX})", reason.params
+        else:
+            reason_sql, reason_params = "%s", [reason[:HISTORY_REASON_MAX] if reason else None]
         sql = (
             f"INSERT INTO {self.history_table} ({columns}, history_date, history_change_reason, history_type,"
-            f" history_user_id) SELECT {columns}, %s, %s, %s, %s FROM {source}"
+            f" history_user_id) SELECT {columns}, %s, {reason_sql}, %s, %s FROM {source}"
         )
-        reason = reason[:HISTORY_REASON_MAX] if reason else None
-        return sql, [timezone.now(), reason, history_type, _history_user_id()]
+        return sql, [timezone.now(), *reason_params, history_type, _history_user_id()]
 
     def _write(self, write_sql: str, params: list, history_type: str, reason: str | None,
                returning: bool, then: Expr | None = None) -> Any:
@@ -216,10 +223,24 @@ class Table:
 
         With ``returning``, the rows written (``cols()`` order). Without, nothing is read back
         (no rows to send, convert and load), except the value of ``then`` if given: a SQL
-        expression evaluated in the same round trip (it sees the database as the statement
-        began, not the row just written).
+        expression evaluated in the same round trip (on PostgreSQL it sees the database as the
+        statement began, not the row just written; on SQLite, a statement of its own, after).
+        With both, ``(rows, value)``; the value is None if nothing was written.
         """
         bare = write_sql[: -len(" RETURNING *")]
+        if returning and then is not None:
+            if is_postgresql():
+                history_sql, history_params = ("", [])
+                if self.history_table is not None:
+                    history_sql, history_params = self._history_sql("written", history_type, reason)
+                    history_sql = f", history AS ({history_sql})"
+                found = rows(
+                    f"WITH written AS ({write_sql}){history_sql} SELECT {self.cols()}, {then.sql} FROM written",
+                    [*params, *history_params, *then.params],
+                )
+                return [row[:-1] for row in found], (found[0][-1] if found else None)
+            written = self._write(write_sql, params, history_type, reason, returning=True)
+            return written, (_then(then) if written else None)
         if is_postgresql() and self.history_table is not None:
             history_sql, history_params = self._history_sql("written", history_type, reason)
             if not returning:
@@ -274,6 +295,40 @@ class Table:
         """Insert one row (defaults as ``Model()`` gives them); None if ``on_conflict`` skipped it."""
         return next(iter(self.insert_many([values], reason=reason, on_conflict=on_conflict)), None)
 
+    def insert_then(
+        self, values: dict, then: Expr, *, reason: str | None = None, on_conflict: Sequence[str] | None = None
+    ) -> tuple[models.Model | None, Any]:
+        """``insert``, and the value of ``then`` read in the same round trip (as ``_write`` says).
+
+        (None, None) if ``on_conflict`` skipped the row.
+        """
+        columns, placeholders, params = self._insert_values(values)
+        sql = (f"INSERT INTO {self.name} ({', '.join(columns)}) VALUES ({', '.join(placeholders)})"
+               f"{self._conflict(on_conflict)} RETURNING *")
+        written, value = self._write(sql, params, CREATED, reason, returning=True, then=then)
+        return (self.load(written[0]), value) if written else (None, None)
+
+    def insert_where(
+        self, values: dict, where: Expr, *, then: Expr, reason: str | None = None,
+        on_conflict: Sequence[str] | None = None,
+    ) -> Any:
+        """Insert one row only if ``where`` holds (``INSERT ... SELECT ... WHERE``): the value of ``then``.
+
+        Nothing is read back but ``then``, which on PostgreSQL comes in the same round trip and
+        sees the database as the statement began (``_write``). One statement where a read and
+        a conditional INSERT would be two.
+        """
+        columns, placeholders, params = self._insert_values(values)
+        sql = (f"INSERT INTO {self.name} ({', '.join(columns)}) SELECT {', '.join(placeholders)} WHERE {where.sql}"
+               f"{self._conflict(on_conflict)} RETURNING *")
+        return self._write(sql, [*params, *where.params], CREATED, reason, returning=False, then=then)
+
+    def _conflict(self, on_conflict: Sequence[str] | None) -> str:
+        if on_conflict is None:
+            return ""
+        target = ", ".join(self._quoted.get(c, c) for c in on_conflict)
+        return f" ON CONFLICT ({target}) DO NOTHING" if target else " ON CONFLICT DO NOTHING"
+
     def insert_many(
         self, many: Iterable[dict], *, reason: str | None = None, on_conflict: Sequence[str] | None = None,
         returning: bool = True,
@@ -289,10 +344,7 @@ class Table:
             params.extend(row_params)
         if not groups:
             return []
-        conflict = ""
-        if on_conflict is not None:
-            target = ", ".join(self._quoted.get(c, c) for c in on_conflict)
-            conflict = f" ON CONFLICT ({target}) DO NOTHING" if target else " ON CONFLICT DO NOTHING"
+        conflict = self._conflict(on_conflict)
         sql = f"INSERT INTO {self.name} ({', '.join(columns)}) VALUES {', '.join(groups)}{conflict} RETURNING *"
         if not returning:
             self._write(sql, params, CREATED, reason, returning=False)

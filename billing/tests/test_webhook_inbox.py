@@ -140,6 +140,19 @@ def test_handled_event_is_stored_processed_with_its_effects(post_event):
     assert _domain_rows() == {"accounts": 1, "subscriptions": 1, "entitlements": 1, "renewals": 1, "owed_emails": 0}
 
 
+def test_a_webhook_writes_history_as_nobody_even_from_a_signed_in_session(client, post_event, django_user_model):
+    """Stripe is nobody's session: a delivery that happens to carry a staff member's session
+    cookie must not credit that person with the webhook's changes in the history."""
+    staff = django_user_model.objects.create_user("support", password="x", is_staff=True)
+    client.force_login(staff)
+
+    assert post_event(trial_created()).status_code == 200
+
+    histories = [Subscription.history.all(), Entitlement.history.all(), Renewal.history.all(), Account.history.all()]
+    assert all(h.exists() for h in histories)
+    assert [list(h.exclude(history_user=None)) for h in histories] == [[], [], [], []]
+
+
 # --- Exactly once ----------------------------------------------------------------------------
 
 
