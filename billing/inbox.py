@@ -249,9 +249,9 @@ def _row(event: Event, raw_body: str, status: str, error: str | None) -> list:
 
 def _insert(event: Event, raw_body: str, status: str) -> bool:
     """Insert the event's row unless it exists; True if this call created it."""
-    with connection.cursor() as cursor:
-        cursor.execute(_insert_sql(), _row(event, raw_body, status, error=None))
-        return cursor.fetchone() is not None
+    cursor = sql.cursor()
+    cursor.execute(_insert_sql(), _row(event, raw_body, status, error=None))
+    return cursor.fetchone() is not None
 
 
 def _insert_locking(
@@ -270,19 +270,19 @@ def _insert_locking(
     """
     accounts = sql.table(Account)
     read, params = first_read or (None, [])
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"WITH inserted AS ({_insert_sql()}),"
-            f" locked AS (SELECT {accounts.cols()} FROM {accounts}"
-            f" WHERE stripe_customer_id = %s AND EXISTS (SELECT 1 FROM inserted) FOR UPDATE)"
-            # The read runs only once the account is locked: its row locks come after the account's.
-            + (f", first_read AS (SELECT r.* FROM ({read}) AS r WHERE EXISTS (SELECT 1 FROM locked))" if read else "")
-            + f" SELECT (SELECT id FROM inserted), {accounts.cols('l')}{', r.*' if read else ''}"
-            f" FROM (SELECT 1 AS one) AS x LEFT JOIN locked l ON true"
-            + (" LEFT JOIN first_read r ON true" if read else ""),
-            [*_row(event, raw_body, Status.PROCESSED, error=None), customer_id, *params],
-        )
-        row = cursor.fetchone()
+    cursor = sql.cursor()
+    cursor.execute(
+        f"WITH inserted AS ({_insert_sql()}),"
+        f" locked AS (SELECT {accounts.cols()} FROM {accounts}"
+        f" WHERE stripe_customer_id = %s AND EXISTS (SELECT 1 FROM inserted) FOR UPDATE)"
+        # The read runs only once the account is locked: its row locks come after the account's.
+        + (f", first_read AS (SELECT r.* FROM ({read}) AS r WHERE EXISTS (SELECT 1 FROM locked))" if read else "")
+        + f" SELECT (SELECT id FROM inserted), {accounts.cols('l')}{', r.*' if read else ''}"
+        f" FROM (SELECT 1 AS one) AS x LEFT JOIN locked l ON true"
+        + (" LEFT JOIN first_read r ON true" if read else ""),
+        [*_row(event, raw_body, Status.PROCESSED, error=None), customer_id, *params],
+    )
+    row = cursor.fetchone()
     account_id = row[1 + accounts.attnames.index("id")]
     account = accounts.load(row, 1) if account_id is not None else None
     reads = [tuple(row[1 + accounts.width:])] if read and account is not None else []

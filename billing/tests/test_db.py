@@ -39,3 +39,50 @@ def test_timestamps_come_back_aware_in_utc_and_equal_to_what_was_written(value):
 
     assert read == value == orm
     assert read.tzinfo is datetime.timezone.utc and orm.tzinfo is datetime.timezone.utc
+
+
+def test_the_hot_paths_statements_share_one_cursor_until_the_connection_is_replaced():
+    from django.db import connections
+    from django.test.utils import CaptureQueriesContext
+
+    from billing import sql
+
+    first = sql.cursor()
+    assert sql.cursor() is first
+    assert sql.one("SELECT 41 + 1") == (42,) and sql.rows("SELECT 1 UNION ALL SELECT 2") == [(1,), (2,)]
+    assert sql.cursor() is first
+
+    with CaptureQueriesContext(connection) as captured:  # logged statements go through a debug cursor
+        assert sql.cursor() is not first
+        sql.execute("SELECT 7")
+    assert [q["sql"] for q in captured.captured_queries] == ["SELECT 7"]
+
+    wrapper = connections["default"]
+    wrapper._billing_cursor = (object(), first)  # kept for a connection since replaced (a reconnect)
+    replaced = sql.cursor()
+    assert replaced is not first and sql.one("SELECT 3") == (3,)
+    assert sql.cursor() is replaced and wrapper._billing_cursor[0] is wrapper.connection
+
+
+def test_each_thread_gets_the_cursor_of_its_own_connection():
+    import threading
+
+    from django.db import connections
+
+    from billing import sql
+
+    mine = sql.cursor()
+    seen = {}
+
+    def other():
+        try:
+            seen["cursor"] = sql.cursor()
+            seen["pid"] = sql.one("SELECT pg_backend_pid()")[0]
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen["cursor"] is not mine
+    assert seen["pid"] != sql.one("SELECT pg_backend_pid()")[0]

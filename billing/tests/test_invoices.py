@@ -198,3 +198,48 @@ def test_the_renewals_an_invoice_needs_are_read_with_it_and_not_looked_for_again
     renewal.refresh_from_db()
     assert renewal.stripe_invoice_id == "in_r1" and renewal.processed_at is not None
     assert Entitlement.objects.get(kind="paid").starts_at == as_datetime(TRIAL_END)
+
+
+def test_a_paid_renewal_is_marked_processed_and_relinked_by_one_update_and_plans_the_next_by_one_insert(post_event):
+    """``invoice.paid`` of a linked renewal: one UPDATE of the renewals marks it processed (its
+    history row says by which invoice) and moves it to its paid window, and the next renewal
+    is planned by one conditional INSERT that reads nothing back."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    renewal = trial_started(post_event)
+    assert post_event(invoice_event("invoice.created", renewal_invoice("in_r1", status="draft"), TRIAL_END)).status_code == 200
+    paid = invoice_event("invoice.paid", renewal_invoice("in_r1", status="paid"), TRIAL_END + 3605)
+    with CaptureQueriesContext(connection) as captured:
+        assert post_event(paid).status_code == 200
+    statements = [q["sql"] for q in captured.captured_queries]
+
+    renewal_updates = [s for s in statements if 'UPDATE "billing_renewal"' in s]
+    assert len(renewal_updates) == 1, renewal_updates
+    renewal_inserts = [s for s in statements if 'INSERT INTO "billing_renewal"' in s]
+    assert len(renewal_inserts) == 1 and " SELECT " in renewal_inserts[0].split("RETURNING")[0], renewal_inserts
+    assert not [s for s in statements if s.startswith('SELECT r."id"')], statements  # no read before it
+
+    renewal.refresh_from_db()
+    paid_window = Entitlement.objects.get(kind="paid")
+    assert renewal.processed_at is not None
+    assert (renewal.from_entitlement.kind, renewal.to_entitlement) == ("trial", paid_window)
+    latest = renewal.history.latest("history_date")
+    assert latest.history_change_reason == "processed by in_r1" and latest.processed_at == renewal.processed_at
+    assert list(Renewal.objects.values_list("effective_date", "stripe_invoice_id")) == [
+        (as_datetime(TRIAL_END), "in_r1"), (as_datetime(PERIOD_END), None)]
+
+
+def test_a_renewal_planned_after_its_invoice_arrived_is_linked_to_it(post_event):
+    """The next period's invoice can arrive before the current one is paid: the renewal
+    planned at the period's end is then created linked to it (the conditional INSERT steps
+    aside for the way that links)."""
+    trial_started(post_event)
+    next_invoice = renewal_invoice("in_r2", status="draft", start=PERIOD_END, end=PERIOD_END + 30 * DAY, created=PERIOD_END)
+    assert post_event(invoice_event("invoice.created", next_invoice, PERIOD_END)).status_code == 200
+    assert not Renewal.objects.filter(effective_date=as_datetime(PERIOD_END)).exists()
+
+    paid = invoice_event("invoice.paid", renewal_invoice("in_r1", status="paid"), TRIAL_END + 3605)
+    assert post_event(paid).status_code == 200
+    assert list(Renewal.objects.order_by("effective_date").values_list("effective_date", "stripe_invoice_id")) == [
+        (as_datetime(TRIAL_END), "in_r1"), (as_datetime(PERIOD_END), "in_r2")]

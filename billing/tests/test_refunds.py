@@ -125,3 +125,28 @@ def test_a_payment_before_its_invoice_is_attached_when_the_invoice_arrives(post_
 
     assert post_event(paid_invoice()).status_code == 200
     assert Payment.objects.get(payment_intent_id=PI).invoice.stripe_id == INV
+
+
+def test_a_new_payment_with_no_known_refund_recomputes_nothing(post_event):
+    """The payment's INSERT says whether a refund of its PaymentIntent is known; when none is,
+    the invoice's refunded amount cannot change and nothing more is read or written."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    assert post_event(paid_invoice()).status_code == 200
+    with CaptureQueriesContext(connection) as captured:
+        assert post_event(invoice_paid_by_intent()).status_code == 200
+    statements = [q["sql"] for q in captured.captured_queries if "SAVEPOINT" not in q["sql"]]  # the test's atomic
+    assert len(statements) == 2, statements  # the event's INSERT and the payment's
+    assert "billing_refund" in next(s for s in statements if 'INSERT INTO "billing_payment"' in s)
+    assert Payment.objects.get(payment_intent_id=PI).invoice.stripe_id == INV
+
+
+def test_a_new_payment_whose_refund_is_already_known_counts_it(post_event):
+    """A refund row of the PaymentIntent that exists before its payment (written by an older
+    version, or by hand) is counted when the payment arrives."""
+    assert post_event(paid_invoice()).status_code == 200
+    Refund.objects.create(stripe_id="re_early", payment_intent_id=PI, amount=700, currency="usd", status="succeeded")
+
+    assert post_event(invoice_paid_by_intent()).status_code == 200
+    assert Invoice.objects.get(stripe_id=INV).amount_refunded == 700
