@@ -24,6 +24,9 @@ after it: the handler's own lock is free (``holds_account_lock``) and its read i
 (``take_first_read``), two round trips less. docs/decisions/0005-webhook-hot-path-sql.rst
 says why that read locks every row it reads.
 
+The handler runs inside ``sql.deferred_writes()``: its writes that read nothing back travel
+with its next statement instead of one round trip each.
+
 On the common path an event costs the inbox one INSERT and the COMMIT: no savepoint, no
 UPDATE (``make bench`` measures it against a minimal webhook). (psycopg's pipeline mode was
 tried for the first delivery and removed: it cost the web process more CPU than it saved
@@ -175,12 +178,14 @@ def _run_handler(event: Event, path: str, raw_body: str | None) -> Outcome:
                     marked = _locked.set(locked)
             if created:
                 handler_ran = True
-                registry.resolve(path)(event)
+                with sql.deferred_writes():
+                    registry.resolve(path)(event)
             else:
                 if _lock(event.id) == Status.PROCESSED:
                     return Outcome(event.id, DUPLICATE)
                 handler_ran = True
-                registry.resolve(path)(event)
+                with sql.deferred_writes():
+                    registry.resolve(path)(event)
                 _mark_processed(event.id)
     except Exception as exc:  # noqa: BLE001 - every handler failure is recorded, then answered 500
         if not handler_ran:

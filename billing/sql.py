@@ -22,12 +22,20 @@ What this module guarantees:
 * Rows come back as model instances (``Model.from_db``), so services still read ``sub.quantity``
   and the admin sees ordinary rows. ``auto_now`` / ``auto_now_add`` fields are set as
   ``save()`` would set them.
+* Inside ``deferred_writes()`` (the inbox runs every handler there), a write that reads
+  nothing back is not sent at once: it goes out in front of the next statement, as CTEs of
+  that statement, unless that statement names a table it writes (then it goes alone, first).
+  Every other statement (the ORM's, a savepoint) and the end of the block send it first, so
+  no statement can see the database without it. On PostgreSQL only.
 
 Nothing here opens a transaction: callers run inside the inbox's.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 from datetime import datetime, timedelta, timezone as dt_timezone
 from typing import Any
@@ -113,19 +121,111 @@ def cursor():
 
 def one(sql: str, params: Sequence = ()) -> tuple | None:
     c = cursor()
-    c.execute(sql, _params(params))
+    c.execute(*_with_deferred(sql, _params(params)))
     return c.fetchone()
 
 
 def rows(sql: str, params: Sequence = ()) -> list[tuple]:
     c = cursor()
-    c.execute(sql, _params(params))
+    c.execute(*_with_deferred(sql, _params(params)))
     return c.fetchall()
 
 
 def execute(sql: str, params: Sequence = ()) -> None:
     """Send a statement whose result nobody reads."""
-    cursor().execute(sql, _params(params))
+    cursor().execute(*_with_deferred(sql, _params(params)))
+
+
+# --- Deferred writes -----------------------------------------------------------------------
+
+class _Deferred:
+    """Writes that read nothing back, waiting to go out with the next statement.
+
+    Each is a data-modifying CTE (and its history CTE). The next statement this module sends
+    carries them in front of its own CTEs, unless its text names a table they write (then
+    they go out first, alone): a statement that does not name a table cannot see what was
+    written to it, so sending the write with it, or before it, is the same. Any statement
+    sent some other way (the ORM, a savepoint, the inbox) flushes them first (``guard``, an
+    ``execute_wrapper``), and so does leaving ``deferred_writes()`` before its COMMIT.
+    """
+
+    def __init__(self):
+        self.ctes: list[str] = []
+        self.params: list = []
+        self.tables: set[str] = set()
+
+    def names_written_table(self, sql: str) -> bool:
+        # A table's name as a whole word, quoted or not ("billing_invoice" is not named by
+        # "billing_invoicelineitem"); a column or alias of the same spelling only costs a
+        # needless flush.
+        pattern = r"(?<![\w$])(?:" + "|".join(sorted(map(re.escape, self.tables))) + r")(?![\w$])"
+        return re.search(pattern, sql) is not None
+
+    def add(self, table: "Table", write_sql: str, params: list, history_type: str, reason) -> None:
+        if self.names_written_table(write_sql):
+            self.flush()
+        name = f"_deferred{len(self.ctes)}"
+        self.ctes.append(f"{name} AS ({write_sql})")
+        self.params.extend(params)
+        if table.history_table is not None:
+            history_sql, history_params = table._history_sql(name, history_type, reason)
+            self.ctes.append(f"{name}_history AS ({history_sql})")
+            self.params.extend(history_params)
+        self.tables.update(table.bare_names)
+
+    def take(self) -> tuple[str, list]:
+        ctes, params = ", ".join(self.ctes), self.params
+        self.ctes, self.params, self.tables = [], [], set()
+        return ctes, params
+
+    def flush(self) -> None:
+        if self.ctes:
+            ctes, params = self.take()
+            cursor().execute(f"WITH {ctes} SELECT 1", params)
+
+    def guard(self, execute, sql, params, many, context):
+        if self.ctes:
+            self.flush()
+        return execute(sql, params, many, context)
+
+
+_deferred: ContextVar[_Deferred | None] = ContextVar("billing_deferred_writes", default=None)
+
+
+@contextmanager
+def deferred_writes():
+    """Within: writes that read nothing back go out with the next statement (PostgreSQL only).
+
+    The inbox runs each handler within: a handler's writes were one statement each, and most
+    are followed by another statement of the same handler that can carry them. Leaving the
+    block normally sends what is still waiting; leaving it by an exception drops it (the
+    transaction is being rolled back).
+    """
+    if not is_postgresql() or _deferred.get() is not None:
+        yield
+        return
+    pending = _Deferred()
+    token = _deferred.set(pending)
+    try:
+        with connections[DEFAULT_DB_ALIAS].execute_wrapper(pending.guard):
+            yield
+            pending.flush()
+    finally:
+        _deferred.reset(token)
+
+
+def _with_deferred(sql: str, params: list) -> tuple[str, list]:
+    """``sql`` with the waiting writes in front, or as it is (after sending them, if it names their tables)."""
+    pending = _deferred.get()
+    if pending is None or not pending.ctes:
+        return sql, params
+    if pending.names_written_table(sql) or sql.startswith("WITH RECURSIVE"):
+        pending.flush()
+        return sql, params
+    ctes, deferred_params = pending.take()
+    if sql.startswith("WITH "):
+        return f"WITH {ctes}, {sql[5:]}", [*deferred_params, *params]
+    return f"WITH {ctes} {sql}", [*deferred_params, *params]
 
 
 def _history_user_id():
@@ -157,6 +257,7 @@ class Table:
         self.select_list = ", ".join(self.column_list())
         history = getattr(model, "history", None)
         self.history_table = None
+        self.bare_names = {meta.db_table}  # as the text of a statement may name them (``_Deferred``)
         if history is not None:
             history_meta = history.model._meta
             own_columns = set(self.columns)
@@ -166,6 +267,7 @@ class Table:
                 raise RuntimeError(f"{history_meta.db_table} has columns {unknown} that {meta.db_table} has not")
             self.history_table = qn(history_meta.db_table)
             self.tracked = [qn(c) for c in history_columns if c in own_columns]
+            self.bare_names.add(history_meta.db_table)
         self._converters = None
 
     def __str__(self) -> str:
@@ -263,6 +365,9 @@ class Table:
             written = self._write(write_sql, params, history_type, reason, returning=True)
             return written, (_then(then) if written else None)
         if is_postgresql() and self.history_table is not None:
+            if not returning and then is None and (pending := _deferred.get()) is not None:
+                pending.add(self, write_sql, params, history_type, reason)
+                return None
             history_sql, history_params = self._history_sql("written", history_type, reason)
             if not returning:
                 if then is None:
@@ -277,6 +382,9 @@ class Table:
                 [*params, *history_params],
             )
         if self.history_table is None and not returning:
+            if then is None and (pending := _deferred.get()) is not None:
+                pending.add(self, write_sql, params, history_type, reason)
+                return None
             execute(bare, params)
             return _then(then)
         written = rows(f"{bare} RETURNING {self.cols()}", params)
