@@ -1,8 +1,9 @@
 """Celery tasks: send what ``billing.outbox`` recorded as owed, once, and never lose it.
 
 ``send_owed_email`` is enqueued by ``owe_email`` once the transaction that owed the e-mail has
-committed. It is idempotent: it locks the ``OwedEmail`` row (``FOR UPDATE SKIP LOCKED``) only
-while it is still ``pending``, sends, and marks it ``sent`` in the same transaction, so a second
+committed (with a broker, in batches: ``send_owed_emails``, see ``billing.outbox``). It is
+idempotent: it locks the ``OwedEmail`` row (``FOR UPDATE SKIP LOCKED``) only while it is still
+``pending``, sends, and marks it ``sent`` in the same transaction, so a second
 run, a duplicate message or a concurrent run of the sweep finds nothing to do. (The one window
 left is a crash between the SMTP server accepting the message and the commit: the row is still
 pending and the e-mail goes out again. No mail system offers better than that.)
@@ -146,6 +147,22 @@ def send_owed_email(self, owed_id: int) -> str:
     if delivery.outcome == Outcome.RETRY and not (self.request.is_eager or self.request.called_directly):
         raise self.retry(countdown=retry_delay(delivery.attempts).total_seconds())
     return delivery.outcome.value
+
+
+@shared_task(ignore_result=True)
+def send_owed_emails(owed_ids: list[int]) -> dict[str, int]:
+    """Send a batch of owed e-mails (``billing.outbox`` publishes one per batch of commits).
+
+    Each is delivered as ``send_owed_email`` would; one that fails gets a ``send_owed_email``
+    task of its own, due after its backoff, so a bad address never holds up the others.
+    """
+    outcomes: dict[str, int] = {}
+    for owed_id in owed_ids:
+        delivery = deliver(owed_id)
+        if delivery.outcome == Outcome.RETRY:
+            send_owed_email.apply_async((owed_id,), countdown=retry_delay(delivery.attempts).total_seconds())
+        outcomes[delivery.outcome.value] = outcomes.get(delivery.outcome.value, 0) + 1
+    return outcomes
 
 
 def due_for_sweep(now=None):

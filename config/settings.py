@@ -128,6 +128,8 @@ CELERY_BEAT_SCHEDULE = {
 # Owed e-mails older than this are picked up by the sweep (the on-commit task normally wins).
 BILLING_OUTBOX_SWEEP_AFTER = timedelta(seconds=env.int("BILLING_OUTBOX_SWEEP_AFTER_SECONDS", default=20))
 BILLING_OUTBOX_SWEEP_INTERVAL = env.int("BILLING_OUTBOX_SWEEP_INTERVAL_SECONDS", default=30)
+# With a broker: how long a web process collects committed e-mails before publishing them as one task.
+BILLING_OUTBOX_PUBLISH_WINDOW = env.float("BILLING_OUTBOX_PUBLISH_WINDOW_SECONDS", default=0.2)
 # Without a broker the web process runs the sweep in a daemon thread (see billing.outbox).
 BILLING_INPROCESS_SWEEP = env.bool("BILLING_INPROCESS_SWEEP", default=not CELERY_BROKER_URL)
 

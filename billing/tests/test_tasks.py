@@ -29,6 +29,7 @@ from billing.tasks import (
     due_for_sweep,
     retry_delay,
     send_owed_email,
+    send_owed_emails,
     sweep_owed_emails,
 )
 from billing.tests.test_emails import make_account, make_invoice
@@ -368,14 +369,14 @@ def runs_of(task) -> int:
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_on_redis_sends_the_receipt(redis_worker, mailoutbox):
     invoice = make_invoice(make_account())
-    runs_before = runs_of(send_owed_email)
+    runs_before = runs_of(send_owed_emails)
 
     owed = owe_receipt(invoice)
 
     assert wait_until(lambda: OwedEmail.objects.filter(pk=owed.pk, status=OwedEmail.Status.SENT).exists())
     assert wait_until(lambda: len(mailoutbox) == 1)
     assert mailoutbox[0].subject == "Receipt for invoice ACME-0001"
-    assert runs_of(send_owed_email) == runs_before + 1  # the worker ran it, not this thread
+    assert runs_of(send_owed_emails) == runs_before + 1  # the worker ran it, not this thread
     assert Invoice.objects.get(pk=invoice.pk).receipt_sent_at is not None
     # Its thread's database connection is closed after the task (Celery's Django fix-up), so
     # nothing holds the test database when it is flushed and dropped.
@@ -420,3 +421,20 @@ def test_with_a_broker_a_failed_send_is_retried_with_backoff(redis_worker, flaky
 def _scheduled(task) -> list[dict]:
     replies = celery_app.control.inspect(timeout=1).scheduled() or {}
     return [entry for entries in replies.values() for entry in entries if entry["request"]["name"] == task.name]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_a_broker_the_emails_of_several_commits_go_in_one_message(redis_worker, mailoutbox, settings):
+    """The web process publishes what its commits owed in batches: one Celery message for the
+    receipts of three transactions committed within the publishing window."""
+    settings.BILLING_OUTBOX_PUBLISH_WINDOW = 1.0
+    account = make_account()
+    invoices = [make_invoice(account, key=f"10{i}") for i in range(3)]
+    runs_before, single_before = runs_of(send_owed_emails), runs_of(send_owed_email)
+
+    owed = [owe_receipt(invoice) for invoice in invoices]
+
+    assert wait_until(lambda: OwedEmail.objects.filter(pk__in=[o.pk for o in owed], status=OwedEmail.Status.SENT).count() == 3)
+    assert wait_until(lambda: len(mailoutbox) == 3)
+    assert runs_of(send_owed_emails) == runs_before + 1
+    assert runs_of(send_owed_email) == single_before
