@@ -75,8 +75,8 @@ def on_invoice_changed(event: Event) -> None:
     invoice, applied = mirror_invoice(event)
     if applied:
         link_invoice_to_renewal(invoice)
-        if event.type != "invoice.created":
-            attach_waiting_payments(invoice)
+    # Free unless mirror_invoice saw a payment waiting; even a stale snapshot's event attaches it.
+    attach_waiting_payments(invoice)
 
 
 @handles("invoice.paid", locks_account_of=_customer, reads_first=invoice_first_read)

@@ -566,14 +566,15 @@ def _invoice_read(snap: InvoiceSnapshot, whole_subscription: bool) -> tuple[str,
     sent by the inbox before the account's lock is granted (``invoice_first_read``): a row lock
     returns a row's newest version. A row missing from that early read is looked for again later.
     """
-    invoices, subs, payments, renewals = _t(Invoice), _t(Subscription), _t(Payment), _t(Renewal)
+    invoices, subs, renewals = _t(Invoice), _t(Subscription), _t(Renewal)
     line = snap.subscription_line
     lock = sql.for_update()
     sub_cols = subs.cols("s") if whole_subscription else "s.id"
     sub_id = f"(SELECT id FROM {subs} WHERE stripe_id = %s)"
+    waiting = _payments_waiting_for(snap.stripe_id)
     return (
-        f"SELECT EXISTS (SELECT 1 FROM {payments} p WHERE p.stripe_invoice_id = %s AND p.invoice_id IS NULL),"
-        f" {sub_cols}, {invoices.cols('i')}, {renewals.cols('r')}, {renewals.cols('e')} FROM (SELECT 1 AS one) AS x"
+        f"SELECT {waiting.sql}, {sub_cols}, {invoices.cols('i')}, {renewals.cols('r')}, {renewals.cols('e')}"
+        f" FROM (SELECT 1 AS one) AS x"
         f" LEFT JOIN (SELECT {sub_cols} FROM {subs} s WHERE s.stripe_id = %s{lock if whole_subscription else ''}) s"
         f" ON true"
         f" LEFT JOIN (SELECT {invoices.cols('i')} FROM {invoices} i WHERE i.stripe_id = %s{lock}) i ON true"
@@ -581,8 +582,16 @@ def _invoice_read(snap: InvoiceSnapshot, whole_subscription: bool) -> tuple[str,
         f" WHERE r.stripe_invoice_id = %s AND r.subscription_id = {sub_id}{lock}) r ON true"
         f" LEFT JOIN (SELECT {renewals.cols('e')} FROM {renewals} e"
         f" WHERE e.effective_date = %s AND e.subscription_id = {sub_id}{lock}) e ON true",
-        [snap.stripe_id, snap.subscription_id, snap.stripe_id, snap.stripe_id, snap.subscription_id,
+        [*waiting.params, snap.subscription_id, snap.stripe_id, snap.stripe_id, snap.subscription_id,
          line.period_start if line else None, snap.subscription_id],
+    )
+
+
+def _payments_waiting_for(stripe_invoice_id: str) -> sql.Expr:
+    """Whether a payment names this invoice and is not attached to it yet (``attach_waiting_payments``)."""
+    return sql.Expr(
+        f"EXISTS (SELECT 1 FROM {_t(Payment)} p WHERE p.stripe_invoice_id = %s AND p.invoice_id IS NULL)",
+        [stripe_invoice_id],
     )
 
 
@@ -675,7 +684,11 @@ def mirror_invoice(event: Event, *, whole_subscription: bool = False) -> tuple[I
         "stripe_created": snap.created,
     }
     if invoice is None:
-        invoice = _t(Invoice).insert(
+        # Whether payments wait for the invoice is asked again by the INSERT: the first read may
+        # be older than the account's lock (the inbox sends it before the lock is granted), and a
+        # payment recorded meanwhile found no invoice to attach to. Payment writers take no
+        # account lock; this statement sees every payment committed before it began.
+        invoice, waiting_now = _t(Invoice).insert_then(
             {
                 "stripe_id": snap.stripe_id,
                 "account_id": account.pk,
@@ -683,12 +696,13 @@ def mirror_invoice(event: Event, *, whole_subscription: bool = False) -> tuple[I
                 "last_event_created": event.created,
                 "last_event_id": event.id,
             },
+            _payments_waiting_for(snap.stripe_id),
             reason=event.type,
             on_conflict=["stripe_id"],
         )
         if invoice is not None:
             sql.attach(invoice, "account", account)
-            _remember(invoice, sub, payments_waiting, renewals)
+            _remember(invoice, sub, bool(waiting_now), renewals)
             _write_lines(invoice, snap, replace=False)
             return invoice, True
         # Mirrored meanwhile by a writer that did not hold the account's lock (an operator's

@@ -150,3 +150,23 @@ def test_a_new_payment_whose_refund_is_already_known_counts_it(post_event):
 
     assert post_event(invoice_paid_by_intent()).status_code == 200
     assert Invoice.objects.get(stripe_id=INV).amount_refunded == 700
+
+
+def test_any_later_event_of_the_invoice_attaches_a_payment_left_waiting(post_event):
+    """A payment committed at the same instant as the invoice's creation can miss it, and be
+    missed by it (payment writers take no account lock). Any later event of the invoice, even an
+    older snapshot that changes nothing else, attaches it and counts its refund."""
+    assert post_event(paid_invoice()).status_code == 200
+    invoice = Invoice.objects.get(stripe_id=INV)
+    # What such a race leaves: the payment names the invoice but is not attached to it.
+    Payment.objects.create(payment_intent_id=PI, stripe_invoice_id=INV, charge_id=CH, currency="usd")
+    Refund.objects.create(stripe_id="re_late", payment_intent_id=PI, amount=900, currency="usd", status="succeeded")
+
+    line = invoice_line_object(id="il_ref", invoice=INV, amount=9000, period_start=T0, period_end=T0)
+    stale = invoice_object(id=INV, customer=CUS, status="draft", billing_reason="manual", lines=[line], created=T0)
+    assert post_event(event_object(type="invoice.created", obj=stale, created=T0)).status_code == 200
+
+    invoice.refresh_from_db()
+    assert invoice.status == "paid"  # the stale snapshot changed nothing of the invoice itself
+    assert Payment.objects.get(payment_intent_id=PI).invoice == invoice
+    assert invoice.amount_refunded == 900

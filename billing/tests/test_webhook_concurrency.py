@@ -16,8 +16,14 @@ from datetime import datetime, timezone
 import pytest
 from django.core import mail
 
-from billing.models import Invoice, OwedEmail, Renewal, StripeEvent, Subscription
-from billing.simulation.objects import event_object, invoice_line_object, invoice_object
+from billing.models import Invoice, OwedEmail, Payment, Renewal, StripeEvent, Subscription
+from billing.simulation.objects import (
+    event_object,
+    invoice_line_object,
+    invoice_object,
+    invoice_payment_object,
+    refund_object,
+)
 from provisioning.models import Account, Entitlement
 
 from .conftest import (
@@ -357,3 +363,43 @@ def test_an_invoice_that_waited_for_the_lock_finds_the_subscription_mirrored_mea
     sub_row, invoice_row = (StripeEvent.objects.get(pk=e["id"]) for e in (created, invoice))
     assert sub_row.processed_at < invoice_row.processed_at  # the race went as staged
     assert Invoice.objects.get().subscription == Subscription.objects.get()
+
+
+def test_an_invoice_that_waited_for_the_lock_attaches_the_payment_recorded_meanwhile(webhook_url):
+    """A refund, then the invoice's payment, are recorded while the invoice's first event waits
+    for the account's lock. The payment found no invoice to attach to (there was none yet), and
+    the invoice's early read, older than the payment, saw no payment waiting. The invoice's
+    INSERT, sent after the lock, asks again: the payment is attached and its refund counted.
+    """
+    import psycopg
+
+    customer, invoice_id, intent = "cus_race_pay", "in_race_pay", "pi_race_pay"
+    Account.objects.create(name="Race Pay Ltd", stripe_customer_id=customer)
+    refund = event_object(
+        type="refund.created", created=T0 + 50,
+        obj=refund_object(id="re_race_pay", charge="ch_race_pay", payment_intent=intent, amount=2500, created=T0 + 50),
+    )
+    assert post_all_at_once(webhook_url, [refund])[0][0] == 200
+    line = invoice_line_object(id="il_race_pay", invoice=invoice_id, amount=9000, period_start=T0, period_end=T0)
+    paid = event_object(type="invoice.paid", created=T0 + 2, obj=invoice_object(
+        id=invoice_id, customer=customer, status="paid", billing_reason="manual", lines=[line], number="RP-1",
+        created=T0, finalized_at=T0 + 1, paid_at=T0 + 2, customer_email="rp@example.com"))
+    payment = event_object(type="invoice_payment.paid", created=T0 + 2, obj=invoice_payment_object(
+        id="inpay_race_pay", invoice=invoice_id, payment_intent=intent, amount_paid=9000, created=T0 + 2))
+
+    conninfo = _outside_conninfo()
+    answers = []
+    with psycopg.connect(conninfo, autocommit=True) as watcher, psycopg.connect(conninfo) as blocker:
+        blocker.execute("SELECT 1 FROM provisioning_account WHERE stripe_customer_id = %s FOR UPDATE", [customer])
+        waiting = threading.Thread(target=lambda: answers.extend(post_all_at_once(webhook_url, [paid])))
+        waiting.start()
+        _wait_for_waiters(watcher, 1)
+        assert post_all_at_once(webhook_url, [payment])[0][0] == 200  # takes no account lock: not queued
+        assert Payment.objects.get(payment_intent_id=intent).invoice_id is None  # no invoice yet
+        blocker.commit()
+        waiting.join(timeout=60)
+
+    assert [status for status, _ in answers] == [200]
+    invoice = Invoice.objects.get(stripe_id=invoice_id)
+    assert Payment.objects.get(payment_intent_id=intent).invoice == invoice
+    assert invoice.amount_refunded == 2500
