@@ -8,6 +8,7 @@ from .registry import handles
 from .services import (
     attach_waiting_payments,
     invoice_first_read,
+    invoice_lock_key,
     link_checkout_to_account,
     link_invoice_to_renewal,
     mirror_invoice,
@@ -27,6 +28,12 @@ from .stripe_payloads import Event, object_id, read_invoice
 def _customer(event: Event) -> str | None:
     """The customer whose account the handler locks first (``registry.handles``)."""
     return object_id(event.obj.get("customer")) or None
+
+
+def _invoice(event: Event) -> str | None:
+    """The invoice's lock, taken before the account's: its payments' writers take it too."""
+    stripe_id = event.obj.get("id")
+    return invoice_lock_key(stripe_id) if isinstance(stripe_id, str) and stripe_id else None
 
 
 @handles("checkout.session.completed")
@@ -65,6 +72,7 @@ def on_trial_will_end(event: Event) -> None:
     "invoice.marked_uncollectible",
     locks_account_of=_customer,
     reads_first=invoice_first_read,
+    locks_key_of=_invoice,
 )
 def on_invoice_changed(event: Event) -> None:
     """Mirror the invoice and link it to the renewal it pays for.
@@ -79,7 +87,7 @@ def on_invoice_changed(event: Event) -> None:
     attach_waiting_payments(invoice)
 
 
-@handles("invoice.paid", locks_account_of=_customer, reads_first=invoice_first_read)
+@handles("invoice.paid", locks_account_of=_customer, reads_first=invoice_first_read, locks_key_of=_invoice)
 def on_invoice_paid(event: Event) -> None:
     """Mark paid; process its renewal exactly once; owe the receipt exactly once."""
     invoice, _ = mirror_invoice(event, whole_subscription=True)
@@ -87,7 +95,7 @@ def on_invoice_paid(event: Event) -> None:
     settle_paid_invoice(invoice)
 
 
-@handles("invoice.payment_failed", locks_account_of=_customer, reads_first=invoice_first_read)
+@handles("invoice.payment_failed", locks_account_of=_customer, reads_first=invoice_first_read, locks_key_of=_invoice)
 def on_invoice_payment_failed(event: Event) -> None:
     """Mirror the invoice and owe the billing-error e-mail (once per payment attempt)."""
     invoice, _ = mirror_invoice(event)

@@ -66,6 +66,7 @@ class _Locked(NamedTuple):
     customer_id: str
     account: Account | None  # the customer's account, locked; None if it has none yet
     first_read: list  # the handler's first read (``registry.handles(reads_first=...)``), until taken
+    key: str | None = None  # the advisory lock taken before the account's (``handles(locks_key_of=...)``)
 
 
 _locked: ContextVar[_Locked | None] = ContextVar("billing_inbox_locked", default=None)
@@ -79,6 +80,13 @@ def holds_account_lock(customer_id: str) -> bool:
     """
     locked = _locked.get()
     return locked is not None and locked.account is not None and locked.customer_id == customer_id
+
+
+def holds_key_lock(key: str) -> bool:
+    """True if the event's INSERT took the advisory lock ``key`` in this transaction
+    (``registry.handles(locks_key_of=...)``); the mark is cleared when the handler's run ends."""
+    locked = _locked.get()
+    return locked is not None and locked.key == key
 
 
 def locked_account(customer_id: str) -> Account | None:
@@ -174,7 +182,9 @@ def _run_handler(event: Event, path: str, raw_body: str | None) -> Outcome:
                 if customer is None:
                     created = _insert(event, raw_body, Status.PROCESSED)
                 else:
-                    created, locked = _insert_locking(event, raw_body, customer, _first_read(path, event))
+                    created, locked = _insert_locking(
+                        event, raw_body, customer, _first_read(path, event), _key(path, event)
+                    )
                     marked = _locked.set(locked)
             if created:
                 handler_ran = True
@@ -204,6 +214,15 @@ def _first_read(path: str, event: Event) -> tuple[str, list] | None:
         return registry.first_read_of(path, event)
     except Exception:  # noqa: BLE001 - never let a payload problem look like the inbox failing
         logger.debug("no first read for stripe event %s", event.id, exc_info=True)
+        return None
+
+
+def _key(path: str, event: Event) -> str | None:
+    """The handler's advisory lock key, or None if the payload cannot name it (as ``_first_read``)."""
+    try:
+        return registry.key_locked_by(path, event)
+    except Exception:  # noqa: BLE001 - never let a payload problem look like the inbox failing
+        logger.debug("no lock key for stripe event %s", event.id, exc_info=True)
         return None
 
 
@@ -260,7 +279,7 @@ def _insert(event: Event, raw_body: str, status: str) -> bool:
 
 
 def _insert_locking(
-    event: Event, raw_body: str, customer_id: str, first_read: tuple[str, list] | None
+    event: Event, raw_body: str, customer_id: str, first_read: tuple[str, list] | None, key: str | None = None
 ) -> tuple[bool, _Locked]:
     """Insert the event's row (as ``_insert``) and lock ``customer_id``'s account, in one statement.
 
@@ -272,12 +291,18 @@ def _insert_locking(
     inserted)``), as when the handler took it: a duplicate waits for the first delivery's row
     holding nothing, then takes no lock at all. Were the lock taken first, a duplicate could
     hold the account while waiting for the row of a first delivery that waits for the account.
+
+    With ``key``, the advisory lock of that name is taken as the row is created (the INSERT's
+    ``RETURNING``), before the account's: the order every taker of that lock keeps.
     """
     accounts = sql.table(Account)
     read, params = first_read or (None, [])
+    insert, key_params = _insert_sql(), []
+    if key is not None:
+        insert, key_params = f"{insert}, {sql.ADVISORY_LOCK} AS keyed", [key]
     cursor = sql.cursor()
     cursor.execute(
-        f"WITH inserted AS ({_insert_sql()}),"
+        f"WITH inserted AS ({insert}),"
         f" locked AS (SELECT {accounts.cols()} FROM {accounts}"
         f" WHERE stripe_customer_id = %s AND EXISTS (SELECT 1 FROM inserted) FOR UPDATE)"
         # The read runs only once the account is locked: its row locks come after the account's.
@@ -285,13 +310,14 @@ def _insert_locking(
         + f" SELECT (SELECT id FROM inserted), {accounts.cols('l')}{', r.*' if read else ''}"
         f" FROM (SELECT 1 AS one) AS x LEFT JOIN locked l ON true"
         + (" LEFT JOIN first_read r ON true" if read else ""),
-        [*_row(event, raw_body, Status.PROCESSED, error=None), customer_id, *params],
+        [*_row(event, raw_body, Status.PROCESSED, error=None), *key_params, customer_id, *params],
     )
     row = cursor.fetchone()
+    created = row[0] is not None
     account_id = row[1 + accounts.attnames.index("id")]
     account = accounts.load(row, 1) if account_id is not None else None
     reads = [tuple(row[1 + accounts.width:])] if read and account is not None else []
-    return row[0] is not None, _Locked(customer_id, account, reads)
+    return created, _Locked(customer_id, account, reads, key if created else None)
 
 
 def _row_locks() -> bool:

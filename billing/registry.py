@@ -22,6 +22,7 @@ from .stripe_payloads import Event
 Handler = Callable[[Event], None]
 AccountOf = Callable[[Event], "str | None"]
 FirstRead = Callable[[Event], "tuple[str, list] | None"]
+KeyOf = Callable[[Event], "str | None"]
 
 # event type -> dotted path "module:function" of its handler
 _registry: dict[str, str] = {}
@@ -31,6 +32,8 @@ _resolved: dict[str, Handler] = {}
 _account_of: dict[str, AccountOf] = {}
 # dotted path -> the handler's first read, sent with that lock (see ``handles``)
 _first_read: dict[str, FirstRead] = {}
+# dotted path -> the key of the advisory lock the handler takes before the account's (see ``handles``)
+_key_of: dict[str, KeyOf] = {}
 
 
 class RegistryError(RuntimeError):
@@ -38,7 +41,8 @@ class RegistryError(RuntimeError):
 
 
 def handles(
-    *event_types: str, locks_account_of: AccountOf | None = None, reads_first: FirstRead | None = None
+    *event_types: str, locks_account_of: AccountOf | None = None, reads_first: FirstRead | None = None,
+    locks_key_of: KeyOf | None = None,
 ) -> Callable[[Handler], Handler]:
     """Register the decorated function as the handler of ``event_types``.
 
@@ -52,9 +56,16 @@ def handles(
     It sees the database as the statement began, before any wait for the lock, so it must
     lock (``FOR UPDATE``) every row it reads (a row lock returns the row's newest version), and
     the handler must look again for a row it did not find (it may have been created meanwhile).
+
+    ``locks_key_of(event)`` (with ``locks_account_of``) names a transaction-level advisory lock
+    that the handler and writers without the account's lock both take, before any row lock:
+    the inbox takes it as the event's row is created, before the account's lock
+    (``billing.inbox.holds_key_lock``). The invoice handlers and the payment writer use it.
     """
     if reads_first is not None and locks_account_of is None:
         raise RegistryError(f"{event_types}: reads_first needs locks_account_of (it is sent after that lock)")
+    if locks_key_of is not None and locks_account_of is None:
+        raise RegistryError(f"{event_types}: locks_key_of needs locks_account_of (it is sent with the INSERT)")
 
     def decorator(func: Handler) -> Handler:
         path = f"{func.__module__}:{func.__qualname__}"
@@ -64,6 +75,8 @@ def handles(
             _account_of[path] = locks_account_of
         if reads_first is not None:
             _first_read[path] = reads_first
+        if locks_key_of is not None:
+            _key_of[path] = locks_key_of
         return func
 
     return decorator
@@ -103,6 +116,12 @@ def first_read_of(path: str, event: Event) -> tuple[str, list] | None:
     """The first read of the handler at ``path`` for ``event`` (``handles(reads_first=...)``)."""
     first_read = _first_read.get(path)
     return first_read(event) if first_read is not None else None
+
+
+def key_locked_by(path: str, event: Event) -> str | None:
+    """The advisory lock the handler at ``path`` takes first for ``event`` (``handles(locks_key_of=...)``)."""
+    key_of = _key_of.get(path)
+    return key_of(event) if key_of is not None else None
 
 
 def resolve(path: str) -> Handler:

@@ -31,7 +31,7 @@ from provisioning import services as provisioning
 from provisioning.models import Account, Entitlement
 
 from . import matching, sql
-from .inbox import PrerequisiteMissing, holds_account_lock, locked_account, take_first_read
+from .inbox import PrerequisiteMissing, holds_account_lock, holds_key_lock, locked_account, take_first_read
 from .models import Invoice, InvoiceLineItem, OwedEmail, Payment, Refund, Renewal, StripeEvent, Subscription
 from .outbox import owe_email
 from .stripe_payloads import (
@@ -174,6 +174,26 @@ def _lock_account(customer_id: str) -> None:
     if holds_account_lock(customer_id):
         return
     sql.execute(f"SELECT 1 FROM {_t(Account)} WHERE stripe_customer_id = %s{sql.for_update()}", [customer_id])
+
+
+def invoice_lock_key(stripe_invoice_id: str) -> str:
+    """The advisory lock that orders an invoice's writers with the writers of its payments.
+
+    Payment writers take no account lock (an ``invoice_payment`` names no customer), so without
+    it a payment and the invoice it pays, committed at the same instant, can each miss the
+    other's row: the payment left unattached, its refunds never counted. The invoice handlers
+    take this lock first (``handles(locks_key_of=...)``, before the account's); the payment's
+    INSERT takes it before it looks for the invoice, and looks again if it waited.
+    """
+    return f"billing.invoice:{stripe_invoice_id}"
+
+
+def _lock_invoice(stripe_invoice_id: str) -> None:
+    """Take ``invoice_lock_key`` unless the inbox took it already (PostgreSQL; SQLite has one writer)."""
+    key = invoice_lock_key(stripe_invoice_id)
+    if not sql.is_postgresql() or holds_key_lock(key):
+        return
+    sql.execute(f"SELECT {sql.ADVISORY_LOCK}", [key])
 
 
 def subscription_first_read(event: Event) -> tuple[str, list] | None:
@@ -619,6 +639,7 @@ def _invoice_with_locked_account(snap: InvoiceSnapshot, whole_subscription: bool
     if first is not None:
         account, row = first
     else:
+        _lock_invoice(snap.stripe_id)  # before the account's, as the inbox takes it
         _lock_account(snap.customer.customer_id)
         read, params = _invoice_read(snap, whole_subscription)
         row = sql.one(
@@ -891,7 +912,13 @@ def record_invoice_payment(event: Event) -> None:
     # nothing to its invoice's refunded amount and there is nothing to recompute. A refund
     # written concurrently is not missed: its writer inserts this same payment row
     # (``_payment_for``), so it waits for this transaction and recomputes after it.
+    # The invoice's lock is taken first, before the row (an invoice handler holding it may be
+    # creating the invoice). The lookup sees the database as the statement began, so an
+    # invoice committed while it waited is looked for again below.
     invoice_id = sql.Expr(f"(SELECT id FROM {_t(Invoice)} WHERE stripe_id = %s)", [snap.invoice_id])
+    if sql.is_postgresql() and snap.invoice_id:
+        invoice_id = sql.Expr(f"(SELECT {invoice_id.sql} FROM (SELECT {sql.ADVISORY_LOCK} AS locked) AS l)",
+                              [*invoice_id.params, invoice_lock_key(snap.invoice_id)])
     refunds_known = sql.Expr(f"EXISTS (SELECT 1 FROM {_t(Refund)} r WHERE r.payment_intent_id = %s)",
                              [snap.payment_intent_id])
     payment, refunded = payments.insert_then(
@@ -900,6 +927,8 @@ def record_invoice_payment(event: Event) -> None:
         on_conflict=["payment_intent_id"],
     )
     if payment is not None and not refunded:
+        if payment.invoice_id is None and snap.invoice_id:
+            recompute_refunded(payment)  # looks for the invoice again, now that the lock is held
         return
     if payment is None:
         payment = payments.get("payment_intent_id = %s", [snap.payment_intent_id], lock=True)

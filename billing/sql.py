@@ -49,6 +49,10 @@ _HISTORY_OWN = {"history_id", "history_date", "history_change_reason", "history_
 CREATED, CHANGED, DELETED = "+", "~", "-"
 
 
+# A transaction-level advisory lock named by a string (PostgreSQL): released at COMMIT or ROLLBACK.
+ADVISORY_LOCK = "pg_advisory_xact_lock(hashtextextended(%s, 0))"
+
+
 class Expr:
     """A value written as SQL (``Expr("GREATEST(starts_at, %s)", [at])``) instead of a parameter."""
 

@@ -128,3 +128,9 @@ def test_a_first_read_without_the_account_lock_it_follows_is_refused():
     with pytest.raises(registry.RegistryError, match="reads_first needs locks_account_of"):
         registry.handles("test.first.read", reads_first=lambda event: ("SELECT 1", []))(lambda event: None)
     assert "test.first.read" not in registry.registered_types()  # refused before registering
+
+
+def test_a_lock_key_without_the_account_lock_it_precedes_is_refused():
+    with pytest.raises(registry.RegistryError, match="locks_key_of needs locks_account_of"):
+        registry.handles("test.lock.key", locks_key_of=lambda event: "key")(lambda event: None)
+    assert "test.lock.key" not in registry.registered_types()

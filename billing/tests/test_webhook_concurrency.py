@@ -365,41 +365,63 @@ def test_an_invoice_that_waited_for_the_lock_finds_the_subscription_mirrored_mea
     assert Invoice.objects.get().subscription == Subscription.objects.get()
 
 
-def test_an_invoice_that_waited_for_the_lock_attaches_the_payment_recorded_meanwhile(webhook_url):
-    """A refund, then the invoice's payment, are recorded while the invoice's first event waits
-    for the account's lock. The payment found no invoice to attach to (there was none yet), and
-    the invoice's early read, older than the payment, saw no payment waiting. The invoice's
-    INSERT, sent after the lock, asks again: the payment is attached and its refund counted.
+@pytest.mark.parametrize("refund_known", [True, False], ids=["refund-known", "no-refund"])
+@pytest.mark.parametrize("invoice_first", [True, False], ids=["invoice-first", "payment-first"])
+def test_an_invoice_and_its_payment_arriving_together_end_attached(webhook_url, invoice_first, refund_known):
+    """The invoice's first event and its payment (a refund known already, or not) arrive together;
+    payment writers take no account lock, so only the invoice's advisory lock orders them.
+
+    * invoice first: the invoice handler holds the lock from its event's INSERT on; the
+      payment's INSERT asks for it before it looks for the invoice, so it waits for the invoice
+      to commit, looks again (its statement began before), and attaches.
+    * payment first: the payment commits unattached while the invoice's event waits for the
+      lock; the invoice's early read began before that commit and saw no payment waiting, so
+      the new invoice's INSERT asks again.
+
+    The order is made certain: an outside transaction holds the invoice's lock while the two
+    deliveries queue up behind it in that order (first come, first served).
     """
     import psycopg
 
-    customer, invoice_id, intent = "cus_race_pay", "in_race_pay", "pi_race_pay"
-    Account.objects.create(name="Race Pay Ltd", stripe_customer_id=customer)
+    from billing.services import invoice_lock_key
+
+    customer, invoice_id, intent = "cus_race_key", "in_race_key", "pi_race_key"
+    Account.objects.create(name="Race Key Ltd", stripe_customer_id=customer)
     refund = event_object(
         type="refund.created", created=T0 + 50,
-        obj=refund_object(id="re_race_pay", charge="ch_race_pay", payment_intent=intent, amount=2500, created=T0 + 50),
+        obj=refund_object(id="re_race_key", charge="ch_race_key", payment_intent=intent, amount=1200, created=T0 + 50),
     )
-    assert post_all_at_once(webhook_url, [refund])[0][0] == 200
-    line = invoice_line_object(id="il_race_pay", invoice=invoice_id, amount=9000, period_start=T0, period_end=T0)
+    if refund_known:
+        assert post_all_at_once(webhook_url, [refund])[0][0] == 200
+    line = invoice_line_object(id="il_race_key", invoice=invoice_id, amount=9000, period_start=T0, period_end=T0)
     paid = event_object(type="invoice.paid", created=T0 + 2, obj=invoice_object(
-        id=invoice_id, customer=customer, status="paid", billing_reason="manual", lines=[line], number="RP-1",
-        created=T0, finalized_at=T0 + 1, paid_at=T0 + 2, customer_email="rp@example.com"))
+        id=invoice_id, customer=customer, status="paid", billing_reason="manual", lines=[line], number="RK-1",
+        created=T0, finalized_at=T0 + 1, paid_at=T0 + 2, customer_email="rk@example.com"))
     payment = event_object(type="invoice_payment.paid", created=T0 + 2, obj=invoice_payment_object(
-        id="inpay_race_pay", invoice=invoice_id, payment_intent=intent, amount_paid=9000, created=T0 + 2))
+        id="inpay_race_key", invoice=invoice_id, payment_intent=intent, amount_paid=9000, created=T0 + 2))
 
     conninfo = _outside_conninfo()
-    answers = []
-    with psycopg.connect(conninfo, autocommit=True) as watcher, psycopg.connect(conninfo) as blocker:
-        blocker.execute("SELECT 1 FROM provisioning_account WHERE stripe_customer_id = %s FOR UPDATE", [customer])
-        waiting = threading.Thread(target=lambda: answers.extend(post_all_at_once(webhook_url, [paid])))
-        waiting.start()
-        _wait_for_waiters(watcher, 1)
-        assert post_all_at_once(webhook_url, [payment])[0][0] == 200  # takes no account lock: not queued
-        assert Payment.objects.get(payment_intent_id=intent).invoice_id is None  # no invoice yet
-        blocker.commit()
-        waiting.join(timeout=60)
+    answers: dict[str, int] = {}
 
-    assert [status for status, _ in answers] == [200]
+    def post(payload: dict) -> None:
+        answers[payload["id"]] = post_all_at_once(webhook_url, [payload])[0][0]
+
+    with psycopg.connect(conninfo, autocommit=True) as watcher, psycopg.connect(conninfo) as blocker:
+        blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [invoice_lock_key(invoice_id)])
+        threads = []
+        for count, payload in enumerate((paid, payment) if invoice_first else (payment, paid), start=1):
+            threads.append(threading.Thread(target=post, args=(payload,)))
+            threads[-1].start()
+            _wait_for_waiters(watcher, count)
+        assert not Invoice.objects.exists()  # both still wait
+        assert list(Payment.objects.values_list("stripe_invoice_id", flat=True)) == ([""] if refund_known else [])
+        blocker.commit()
+        for thread in threads:
+            thread.join(timeout=60)
+
+    assert answers == {paid["id"]: 200, payment["id"]: 200}
+    paid_row, payment_row = (StripeEvent.objects.get(pk=e["id"]) for e in (paid, payment))
+    assert (paid_row.processed_at < payment_row.processed_at) == invoice_first  # the race went as staged
     invoice = Invoice.objects.get(stripe_id=invoice_id)
     assert Payment.objects.get(payment_intent_id=intent).invoice == invoice
-    assert invoice.amount_refunded == 2500
+    assert invoice.amount_refunded == (1200 if refund_known else 0)

@@ -426,6 +426,40 @@ def test_a_retried_failed_event_locks_the_account_itself_after_the_event_row(pos
     assert (stored("evt_inbox_updated").status, Subscription.objects.get().quantity) == ("processed", 4)
 
 
+def invoice_then_fail(event):
+    """Test-only handler: mirror the invoice, then an error."""
+    services.mirror_invoice(event, whole_subscription=True)
+    raise RuntimeError(FAILURE)
+
+
+def test_a_retried_invoice_event_takes_the_invoice_lock_before_the_account_lock(post_event, swap_handler):
+    """The row exists (failed), so the INSERT takes no lock: the handler takes the invoice's
+    advisory lock, then the account's, in the order the inbox takes them on a first delivery."""
+    from .conftest import first_invoice_paid_event
+
+    post_event(subscription_event(
+        "customer.subscription.created", active_subscription("sub_inbox", "cus_inbox"), created=T0,
+        event_id="evt_inbox_created",
+    ))
+    paid = first_invoice_paid_event(
+        "in_inbox", sub_id="sub_inbox", customer="cus_inbox", start=T0, end=T0 + 30 * DAY, created=T0 + 5
+    )
+    swap_handler("invoice.paid", "billing.tests.test_webhook_inbox:invoice_then_fail")
+    assert post_event(paid).status_code == 500
+    swap_handler("invoice.paid", "billing.handlers:on_invoice_paid")
+
+    statements = _statements_of(post_event, paid)
+
+    def index(prefix: str) -> int:
+        return next(i for i, s in enumerate(statements) if s.startswith(prefix))
+
+    event_lock = index("SELECT status FROM billing_stripeevent")
+    invoice_lock = index("SELECT pg_advisory_xact_lock(hashtextextended('billing.invoice:in_inbox', 0))")
+    account_lock = index('SELECT 1 FROM "provisioning_account"')
+    assert event_lock < invoice_lock < account_lock
+    assert (stored(paid["id"]).status, Invoice.objects.get().status) == ("processed", "paid")
+
+
 def test_an_invoice_handlers_read_goes_out_with_the_event_insert(post_event):
     """``invoice.paid``: the invoice, its subscription (locked) and the waiting payments are read
     in the statement that stores the event; the handler sends no lock and no read of them."""
@@ -445,7 +479,9 @@ def test_an_invoice_handlers_read_goes_out_with_the_event_insert(post_event):
     assert insert.startswith("WITH inserted AS (INSERT INTO billing_stripeevent") and ACCOUNT_LOCK in insert
     assert "FROM \"billing_invoice\" i WHERE i.stripe_id = 'in_inbox' FOR UPDATE" in insert
     assert "FROM \"billing_subscription\" s WHERE s.stripe_id = 'sub_inbox' FOR UPDATE" in insert
-    assert not [s for s in statements[1:] if "provisioning_account\" WHERE" in s]
+    # The invoice's advisory lock comes with the event's row, before the account's lock.
+    assert "RETURNING id, pg_advisory_xact_lock(hashtextextended('billing.invoice:in_inbox', 0))" in insert
+    assert not [s for s in statements[1:] if "provisioning_account\" WHERE" in s or "pg_advisory" in s]
     # Waiting payments are asked again only by the new invoice's INSERT (after the lock), never alone.
     asked = [s for s in statements[1:] if 'FROM "billing_payment" p' in s]
     assert len(asked) == 1 and 'INSERT INTO "billing_invoice"' in asked[0]
