@@ -188,7 +188,7 @@ def invoice_lock_key(stripe_invoice_id: str) -> str:
     return f"billing.invoice:{stripe_invoice_id}"
 
 
-def _lock_invoice(stripe_invoice_id: str) -> None:
+def lock_invoice(stripe_invoice_id: str) -> None:
     """Take ``invoice_lock_key`` unless the inbox took it already (PostgreSQL; SQLite has one writer)."""
     key = invoice_lock_key(stripe_invoice_id)
     if not sql.is_postgresql() or holds_key_lock(key):
@@ -639,7 +639,7 @@ def _invoice_with_locked_account(snap: InvoiceSnapshot, whole_subscription: bool
     if first is not None:
         account, row = first
     else:
-        _lock_invoice(snap.stripe_id)  # before the account's, as the inbox takes it
+        lock_invoice(snap.stripe_id)  # before the account's, as the inbox takes it
         _lock_account(snap.customer.customer_id)
         read, params = _invoice_read(snap, whole_subscription)
         row = sql.one(
@@ -940,6 +940,8 @@ def record_invoice_payment(event: Event) -> None:
 def record_charge_refund(event: Event) -> None:
     """``charge.refunded``: the charge's cumulative refunded amount (it only grows)."""
     snap = read_charge(event.obj)
+    if snap.invoice_id:
+        lock_invoice(snap.invoice_id)  # before the payment's row, as every payment writer does
     payment = _payment_for(snap.payment_intent_id or f"charge:{snap.stripe_id}")
     fields = {"charge_id": snap.stripe_id, "currency": snap.currency}
     if snap.invoice_id:  # pre-basil charges still name their invoice

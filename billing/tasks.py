@@ -238,6 +238,7 @@ def resolve_payment_invoice(self, payment_intent_id: str) -> str | None:
     if not invoice_id:
         return None
     with transaction.atomic():
+        services.lock_invoice(invoice_id)  # before the payment's row, as every payment writer does
         payment = Payment.objects.select_for_update().filter(payment_intent_id=payment_intent_id).first()
         if payment is None or payment.invoice_id is not None:
             return invoice_id

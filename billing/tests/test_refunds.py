@@ -170,3 +170,23 @@ def test_any_later_event_of_the_invoice_attaches_a_payment_left_waiting(post_eve
     assert invoice.status == "paid"  # the stale snapshot changed nothing of the invoice itself
     assert Payment.objects.get(payment_intent_id=PI).invoice == invoice
     assert invoice.amount_refunded == 900
+
+
+def test_a_charge_that_names_its_invoice_takes_the_invoices_lock_before_the_payments_row(post_event):
+    """Pre-basil charges still name their invoice. Such a refund writes the payment's invoice,
+    so it takes the invoice's advisory lock first, as every payment writer does (the invoice
+    handlers take it before the account's; taken after a row lock it could deadlock)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    assert post_event(paid_invoice()).status_code == 200
+    charge = charge_refunded(2500, T0 + 100)
+    charge["data"]["object"]["invoice"] = INV
+    with CaptureQueriesContext(connection) as captured:
+        assert post_event(charge).status_code == 200
+    statements = [q["sql"] for q in captured.captured_queries]
+
+    lock = next(i for i, s in enumerate(statements) if f"hashtextextended('billing.invoice:{INV}', 0)" in s)
+    payment_row = next(i for i, s in enumerate(statements) if 'INSERT INTO "billing_payment"' in s)
+    assert lock < payment_row
+    assert Invoice.objects.get(stripe_id=INV).amount_refunded == 2500
