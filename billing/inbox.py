@@ -208,21 +208,23 @@ def _run_handler(event: Event, path: str, raw_body: str | None) -> Outcome:
 
 
 def _first_read(path: str, event: Event) -> tuple[str, list] | None:
-    """The handler's first read, or None if the payload is too broken to build it (the
-    handler then meets the problem itself, and the event is recorded failed)."""
-    try:
-        return registry.first_read_of(path, event)
-    except Exception:  # noqa: BLE001 - never let a payload problem look like the inbox failing
-        logger.debug("no first read for stripe event %s", event.id, exc_info=True)
-        return None
+    """The handler's first read (``registry.first_read_of``), or None if the payload is too
+    broken to build it."""
+    return _unless_broken(registry.first_read_of, path, event)
 
 
 def _key(path: str, event: Event) -> str | None:
-    """The handler's advisory lock key, or None if the payload cannot name it (as ``_first_read``)."""
+    """The handler's advisory lock key (``registry.key_locked_by``), or None, as ``_first_read``."""
+    return _unless_broken(registry.key_locked_by, path, event)
+
+
+def _unless_broken(ask, path: str, event: Event):
+    """``ask(path, event)``, or None if it raises: the handler then meets the payload's problem
+    itself, and the event is recorded failed, never the inbox."""
     try:
-        return registry.key_locked_by(path, event)
+        return ask(path, event)
     except Exception:  # noqa: BLE001 - never let a payload problem look like the inbox failing
-        logger.debug("no lock key for stripe event %s", event.id, exc_info=True)
+        logger.debug("%s failed for stripe event %s", ask.__name__, event.id, exc_info=True)
         return None
 
 

@@ -383,6 +383,7 @@ def test_an_invoice_and_its_payment_arriving_together_end_attached(webhook_url, 
     """
     import psycopg
 
+    from billing import sql
     from billing.services import invoice_lock_key
 
     customer, invoice_id, intent = "cus_race_key", "in_race_key", "pi_race_key"
@@ -407,7 +408,7 @@ def test_an_invoice_and_its_payment_arriving_together_end_attached(webhook_url, 
         answers[payload["id"]] = post_all_at_once(webhook_url, [payload])[0][0]
 
     with psycopg.connect(conninfo, autocommit=True) as watcher, psycopg.connect(conninfo) as blocker:
-        blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [invoice_lock_key(invoice_id)])
+        blocker.execute(f"SELECT {sql.ADVISORY_LOCK}", [invoice_lock_key(invoice_id)])
         threads = []
         for count, payload in enumerate((paid, payment) if invoice_first else (payment, paid), start=1):
             threads.append(threading.Thread(target=post, args=(payload,)))
