@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/dev.txt | sha1sum | cut -c1
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/billing
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: run test bench requirements check clean
+.PHONY: run test lint format bench requirements check clean
 
 $(STAMP): requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,17 @@ run: $(STAMP)
 	STRIPE_WEBHOOK_SECRETS=$${STRIPE_WEBHOOK_SECRETS:-whsec_dev_secret} \
 	$(BIN)/python manage.py runserver $${PORT:-127.0.0.1:8000}
 
-## make test: the whole suite against PostgreSQL (and Redis/Celery where a test is about the queue)
-test: $(STAMP)
+## make lint: ruff's lint rules and formatting check (ruff.toml); `make format` applies both
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## make test: lint, then the whole suite against PostgreSQL (and Redis/Celery where a test is about the queue)
+test: lint
 	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=test \
 	$(BIN)/python manage.py check --fail-level WARNING
 	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=test \

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-BENCH_DB = "billing_bench"
+BENCH_DB = os.environ.get("BENCH_DATABASE", "billing_bench")  # another name lets two runs share a server
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/billing"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/14"
 

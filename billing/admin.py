@@ -370,7 +370,7 @@ class StripeEventAdmin(WebhookOwnedAdminMixin, admin.ModelAdmin):
     @admin.action(description="Re-process selected events", permissions=("reprocess",))
     def reprocess(self, request, queryset):
         """Run each event through the inbox again, oldest first, as a retry from Stripe would."""
-        from billing.inbox import process_event  # imported late: the inbox imports the handlers
+        from billing.webhook.inbox import process_event  # imported late: the inbox imports the handlers
 
         for event_id in queryset.order_by("created").values_list("pk", flat=True):
             result = process_event(event_id)

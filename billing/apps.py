@@ -7,10 +7,10 @@ class BillingConfig(AppConfig):
 
     def ready(self):
         # Registers the handlers (decorators run on import) and the registry's system check.
-        from . import checks, db, handlers  # noqa: F401
+        from . import checks  # noqa: F401
+        from .webhook import handlers  # noqa: F401
 
         _cache_history_manager_classes()
-        db.connect_signals()
 
 
 def _cache_history_manager_classes():

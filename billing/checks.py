@@ -1,7 +1,7 @@
 """System checks: a handler that cannot run must fail ``manage.py check``, not a webhook."""
 from django.core import checks
 
-from . import registry
+from .webhook import registry
 
 
 @checks.register(checks.Tags.compatibility, deploy=False)

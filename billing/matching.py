@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -73,3 +73,9 @@ def decide_link(
     if linked_id:
         return LinkDecision(Decision.CONFLICT, renewal)
     return LinkDecision(Decision.LINK, renewal)
+
+
+def utc_day(instant: datetime) -> tuple[datetime, datetime]:
+    """[start, end) of ``instant``'s UTC calendar date: "the same UTC date" as a range an index can use."""
+    start = instant.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    return start, start + timedelta(days=1)

@@ -35,20 +35,12 @@ logger = logging.getLogger(__name__)
 
 def owe_email(kind: str, *, key: str, account, invoice=None, subscription=None) -> OwedEmail | None:
     """Record that ``kind`` is owed (once per ``key``); send it after commit. None if already owed."""
-    from . import sql
     from .tasks import send_owed_email
 
-    owed = sql.table(OwedEmail).insert(
-        {
-            "key": key,
-            "kind": kind,
-            "account_id": account.pk,
-            "invoice_id": invoice.pk if invoice is not None else None,
-            "subscription_id": subscription.pk if subscription is not None else None,
-        },
-        on_conflict=["key"],
+    owed, created = OwedEmail.objects.get_or_create(
+        key=key, defaults={"kind": kind, "account": account, "invoice": invoice, "subscription": subscription}
     )
-    if owed is None:
+    if not created:
         return None  # owed already: a duplicate delivery, or a concurrent one that committed first
 
     if send_owed_email.app.conf.task_always_eager:

@@ -223,7 +223,9 @@ def resolve_payment_invoice(self, payment_intent_id: str) -> str | None:
     """
     import stripe
 
-    from . import services, stripe_api
+    from . import stripe_api
+    from .services.locks import lock_invoice
+    from .services.payments import recompute_refunded
     from .models import Payment
 
     if not settings.STRIPE_API_KEY:
@@ -238,11 +240,11 @@ def resolve_payment_invoice(self, payment_intent_id: str) -> str | None:
     if not invoice_id:
         return None
     with transaction.atomic():
-        services.lock_invoice(invoice_id)  # before the payment's row, as every payment writer does
+        lock_invoice(invoice_id)  # before the payment's row, as every payment writer does
         payment = Payment.objects.select_for_update().filter(payment_intent_id=payment_intent_id).first()
         if payment is None or payment.invoice_id is not None:
             return invoice_id
         payment.stripe_invoice_id = invoice_id
         payment.save(update_fields=["stripe_invoice_id", "updated_at"])
-        services.recompute_refunded(payment)
+        recompute_refunded(payment)
     return invoice_id

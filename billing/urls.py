@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from .webhook import views
 
 app_name = "billing"
 

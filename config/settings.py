@@ -6,6 +6,7 @@ production must opt in to nothing unsafe: DEBUG is off unless ``DJANGO_DEBUG`` s
 """
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import environ
 
@@ -94,7 +95,12 @@ STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
 # --- E-mail ------------------------------------------------------------------------------
-vars().update(env.email_url("EMAIL_URL", default="consolemail://"))
+EMAIL_URL = env.str("EMAIL_URL", default="consolemail://")
+vars().update(env.email_url_config(EMAIL_URL))
+if EMAIL_URL.startswith("filemail:"):
+    # django-environ drops the leading slash of ``filemail:///srv/mail`` (the e-mails would land
+    # in a relative ``srv/mail``); the README's form names an absolute directory.
+    EMAIL_FILE_PATH = urlsplit(EMAIL_URL).path
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="billing@localhost")
 # Without a broker, e-mails are sent in the web process after commit: never wait long on SMTP.
 EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)

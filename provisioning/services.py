@@ -1,14 +1,14 @@
 """Writes to accounts and entitlements. Billing handlers call these; nothing else writes.
 
-Every function expects to run inside the caller's transaction and takes row locks in one
-order, account first, so that concurrent events of one customer are applied one at a time.
+Every function expects to run inside the caller's transaction. The caller holds the account's
+lock (``lock_account_for_customer``, taken first by every writer of a customer's rows), which is
+what serialises concurrent events of one customer.
 """
+
 from __future__ import annotations
 
 import logging
 from datetime import datetime
-
-from billing import sql  # hand-written SQL of the webhook's hot path (no billing models imported)
 
 from .models import Account, Entitlement, Membership
 
@@ -20,20 +20,14 @@ def lock_account_for_customer(customer_id: str, *, name: str = "", email: str = 
 
     A subscription created through the API with no checkout still gets an account, named after
     the customer's name or e-mail when the payload carries them. Two concurrent first events of
-    a customer both try the INSERT; the second waits for the first to commit, skips, and locks
-    the row the first created (``ON CONFLICT DO NOTHING``: no savepoint, no error to catch).
+    a customer both try the INSERT; the second waits for the first to commit, then finds and
+    locks the row the first created (``get_or_create`` reads again after the conflict).
     """
-    accounts = sql.table(Account)
-    account = accounts.get("stripe_customer_id = %s", [customer_id], lock=True)
-    if account is not None:
-        learn_customer_details(account, name, email)
-        return account
-    account = accounts.insert(
-        {"name": (name or email or customer_id)[:255], "stripe_customer_id": customer_id, "billing_email": email},
-        on_conflict=["stripe_customer_id"],
+    account, created = Account.objects.select_for_update().get_or_create(
+        stripe_customer_id=customer_id,
+        defaults={"name": (name or email or customer_id)[:255], "billing_email": email},
     )
-    if account is None:  # a concurrent delivery created it first; its transaction has committed
-        account = accounts.get("stripe_customer_id = %s", [customer_id], lock=True)
+    if not created:
         learn_customer_details(account, name, email)
     return account
 
@@ -47,15 +41,18 @@ def learn_customer_details(account: Account, name: str, email: str) -> None:
     """
     if not name and not email:
         return
-    fields = {}
-    if email and not account.billing_email:
-        fields["billing_email"] = email
+    fields = []
     placeholders = {account.stripe_customer_id, account.billing_email, email} - {""}
     better = name or email
     if better and account.name != better and account.name in placeholders and (name or account.name != email):
-        fields["name"] = better[:255]
+        account.name = better[:255]
+        fields.append("name")
+    if email and not account.billing_email:
+        account.billing_email = email
+        fields.append("billing_email")
     if fields:
-        sql.table(Account).update(account, fields, reason="customer details from Stripe")
+        account._change_reason = "customer details from Stripe"
+        account.save(update_fields=[*fields, "updated_at"])
 
 
 def grant_entitlement(
@@ -67,34 +64,35 @@ def grant_entitlement(
     expires_at: datetime,
     seats: int,
     stripe_invoice_id: str = "",
-) -> None:
-    """The entitlement for one window of a subscription; created once (unique window).
+) -> Entitlement:
+    """The entitlement for one window of a subscription, created once (its window is unique).
 
-    A window granted already is left as it is (the unique constraint makes the INSERT skip).
-    Nothing is read back.
+    A window granted already is left as it is. The caller holds the account's lock, so the
+    read and the INSERT cannot interleave with another grant of the same window; the unique
+    constraint stands behind it (a violation fails the event, and its retry finds the window).
     """
-    row = {
-        "account_id": account_id,
-        "kind": kind,
-        "stripe_subscription_id": stripe_subscription_id,
-        "starts_at": starts_at,
-        "expires_at": max(expires_at, starts_at),
-        "seats": max(seats, 0),
-        "stripe_invoice_id": stripe_invoice_id,
-    }
-    sql.table(Entitlement).insert_many(
-        [row],
-        on_conflict=["stripe_subscription_id", "kind", "starts_at"],
-        returning=False,
-    )
+    window = {"stripe_subscription_id": stripe_subscription_id, "kind": kind, "starts_at": starts_at}
+    entitlement = Entitlement.objects.filter(**window).first()
+    if entitlement is None:
+        entitlement = Entitlement.objects.create(
+            **window,
+            account_id=account_id,
+            expires_at=max(expires_at, starts_at),
+            seats=max(seats, 0),
+            stripe_invoice_id=stripe_invoice_id,
+        )
+    return entitlement
 
 
 def update_entitlement(entitlement: Entitlement, *, reason: str, **fields) -> bool:
     """Change fields of an entitlement (with a history reason); False if nothing changed."""
-    changed = {name: value for name, value in fields.items() if getattr(entitlement, name) != value}
+    changed = [name for name, value in fields.items() if getattr(entitlement, name) != value]
     if not changed:
         return False
-    sql.table(Entitlement).update(entitlement, changed, reason=reason)
+    for name in changed:
+        setattr(entitlement, name, fields[name])
+    entitlement._change_reason = reason
+    entitlement.save(update_fields=[*changed, "updated_at"])
     return True
 
 
@@ -103,7 +101,9 @@ def set_payment_method(account: Account, payment_method_id: str, at: datetime) -
         return False
     if account.payment_method_added_at and at < account.payment_method_added_at:
         return False  # an older SetupIntent than the one already recorded
-    sql.table(Account).update(account, {"default_payment_method_id": payment_method_id, "payment_method_added_at": at})
+    account.default_payment_method_id, account.payment_method_added_at = payment_method_id, at
+    account._change_reason = "payment method on file"
+    account.save(update_fields=["default_payment_method_id", "payment_method_added_at", "updated_at"])
     return True
 
 

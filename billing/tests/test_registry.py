@@ -3,8 +3,8 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
-from billing import handlers, registry
-from billing.registry import RegistryError, handles
+from billing.webhook import handlers, registry
+from billing.webhook.registry import RegistryError, handles
 
 # Not handled by the app: safe to register for the length of one test.
 TEST_TYPE = "test.registry.event"
@@ -56,14 +56,14 @@ def test_handler_that_cannot_be_imported_fails_the_check():
 
 
 def test_handler_attribute_that_does_not_exist_fails_the_check():
-    registry.register("billing.handlers:on_no_such_event", "test.broken.attribute")
+    registry.register("billing.webhook.handlers:on_no_such_event", "test.broken.attribute")
 
     with pytest.raises(SystemCheckError, match="billing.E001"):
         call_command("check")
 
 
 def test_handler_that_is_not_callable_fails_the_check():
-    registry.register("billing.handlers:__doc__", "test.not.callable")  # a module's docstring: a str
+    registry.register("billing.webhook.handlers:__doc__", "test.not.callable")  # a module's docstring: a str
 
     with pytest.raises(SystemCheckError) as failure:
         call_command("check")
@@ -122,15 +122,3 @@ def test_registering_the_same_handler_again_is_allowed():
     registry.register(path, "invoice.paid")
 
     assert registry.registered_types()["invoice.paid"] == path
-
-
-def test_a_first_read_without_the_account_lock_it_follows_is_refused():
-    with pytest.raises(registry.RegistryError, match="reads_first needs locks_account_of"):
-        registry.handles("test.first.read", reads_first=lambda event: ("SELECT 1", []))(lambda event: None)
-    assert "test.first.read" not in registry.registered_types()  # refused before registering
-
-
-def test_a_lock_key_without_the_account_lock_it_precedes_is_refused():
-    with pytest.raises(registry.RegistryError, match="locks_key_of needs locks_account_of"):
-        registry.handles("test.lock.key", locks_key_of=lambda event: "key")(lambda event: None)
-    assert "test.lock.key" not in registry.registered_types()

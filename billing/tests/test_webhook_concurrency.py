@@ -303,7 +303,7 @@ def test_an_older_snapshot_that_waited_for_the_lock_never_overwrites_a_newer_one
 
 
 def test_a_delivery_waiting_for_its_event_row_holds_no_account_lock(webhook_url):
-    """The account lock sent with the event's INSERT is taken only once the row is created.
+    """The account's lock is taken only once the event's row is created.
 
     An outside transaction plays a first delivery that has inserted the event's row and not yet
     taken the account's lock. A second delivery of that event then waits for the row; while
@@ -344,9 +344,9 @@ def test_a_delivery_waiting_for_its_event_row_holds_no_account_lock(webhook_url)
 
 
 def test_an_invoice_that_waited_for_the_lock_finds_the_subscription_mirrored_meanwhile(webhook_url):
-    """An invoice's first read goes out with its event's INSERT, before the account's lock is
-    granted. Here its subscription is mirrored (and committed) while it waits: the read did not
-    see it, so the handler looks again under the lock and the invoice is attached to it.
+    """An invoice's handler reads the subscription only once it holds the account's lock. Here
+    the subscription is mirrored (and committed) while the invoice waits for that lock: the
+    read that follows sees it, and the invoice is attached to it.
 
     The race is made certain as above: an outside transaction holds the account's lock while
     ``customer.subscription.created``, then ``invoice.created``, queue up behind it.
@@ -371,20 +371,17 @@ def test_an_invoice_and_its_payment_arriving_together_end_attached(webhook_url, 
     """The invoice's first event and its payment (a refund known already, or not) arrive together;
     payment writers take no account lock, so only the invoice's advisory lock orders them.
 
-    * invoice first: the invoice handler holds the lock from its event's INSERT on; the
-      payment's INSERT asks for it before it looks for the invoice, so it waits for the invoice
-      to commit, looks again (its statement began before), and attaches.
+    * invoice first: the invoice handler holds the lock; the payment's writer asks for it before
+      it looks for the invoice, so it waits for the invoice to commit, then finds it.
     * payment first: the payment commits unattached while the invoice's event waits for the
-      lock; the invoice's early read began before that commit and saw no payment waiting, so
-      the new invoice's INSERT asks again.
+      lock; once it holds the lock, the invoice handler finds the payment waiting.
 
     The order is made certain: an outside transaction holds the invoice's lock while the two
     deliveries queue up behind it in that order (first come, first served).
     """
     import psycopg
 
-    from billing import sql
-    from billing.services import invoice_lock_key
+    from billing.services.locks import invoice_lock_key
 
     customer, invoice_id, intent = "cus_race_key", "in_race_key", "pi_race_key"
     Account.objects.create(name="Race Key Ltd", stripe_customer_id=customer)
@@ -408,7 +405,7 @@ def test_an_invoice_and_its_payment_arriving_together_end_attached(webhook_url, 
         answers[payload["id"]] = post_all_at_once(webhook_url, [payload])[0][0]
 
     with psycopg.connect(conninfo, autocommit=True) as watcher, psycopg.connect(conninfo) as blocker:
-        blocker.execute(f"SELECT {sql.ADVISORY_LOCK}", [invoice_lock_key(invoice_id)])
+        blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [invoice_lock_key(invoice_id)])
         threads = []
         for count, payload in enumerate((paid, payment) if invoice_first else (payment, paid), start=1):
             threads.append(threading.Thread(target=post, args=(payload,)))

@@ -6,7 +6,8 @@ the rollback it proves is the rollback of real writes.
 """
 import pytest
 
-from billing import inbox, registry, services
+from billing.services import invoices, subscriptions
+from billing.webhook import inbox, registry
 from billing.models import Invoice, OwedEmail, Renewal, StripeEvent, Subscription
 from provisioning.models import Account, Entitlement
 
@@ -22,8 +23,8 @@ from .conftest import (
 
 pytestmark = pytest.mark.django_db
 
-REAL_SUBSCRIPTION_HANDLER = "billing.handlers:on_subscription_changed"
-REAL_TRIAL_WILL_END_HANDLER = "billing.handlers:on_trial_will_end"
+REAL_SUBSCRIPTION_HANDLER = "billing.webhook.handlers:on_subscription_changed"
+REAL_TRIAL_WILL_END_HANDLER = "billing.webhook.handlers:on_trial_will_end"
 FAILURE = "handler broke after its first write"
 
 # What the failing handlers saw in the database just before raising (proves they did write).
@@ -33,7 +34,7 @@ rows_before_failure: list[dict] = []
 def mirror_then_fail(event):
     """Test-only handler: the real subscription mirroring (subscription, account, entitlement,
     renewal), then an error, as if a later step of the handler had a bug."""
-    services.mirror_subscription(event)
+    subscriptions.mirror_subscription(event)
     rows_before_failure.append(_domain_rows())
     raise RuntimeError(FAILURE)
 
@@ -329,7 +330,7 @@ def test_invoice_paid_before_its_subscription_fails_until_the_subscription_arriv
     assert Account.objects.count() == 1
 
 
-# --- The account lock taken with the INSERT --------------------------------------------------
+# --- The order of locks (docs/decisions/0002) --------------------------------------------------
 
 
 def _statements_of(post_event, payload) -> list[str]:
@@ -342,13 +343,24 @@ def _statements_of(post_event, payload) -> list[str]:
     return [s for s in statements if "SAVEPOINT" not in s]  # the test's own transaction
 
 
-ACCOUNT_LOCK = "FROM \"provisioning_account\" WHERE stripe_customer_id = 'cus_inbox' AND EXISTS (SELECT 1 FROM inserted) FOR UPDATE"
+def _index(statements: list[str], *fragments: str) -> int:
+    """The position of the first statement that contains every fragment."""
+    return next(i for i, s in enumerate(statements) if all(f in s for f in fragments))
 
 
-def test_the_event_insert_takes_the_account_lock_and_the_handlers_first_read_in_one_statement(post_event):
-    """A subscription update is the INSERT (with the lock and the locked subscription row) and
-    the subscription's UPDATE (which also asks whether the period's seats differ): the handler
-    sends no lock and no read of its own. Here the trial's seats differ, so they are written."""
+EVENT_INSERT = "INSERT INTO billing_stripeevent"
+EVENT_LOCK = ('FROM "billing_stripeevent"', "FOR UPDATE")
+ACCOUNT_LOCK = ('FROM "provisioning_account"', "\"stripe_customer_id\" = 'cus_inbox'", "FOR UPDATE")
+INVOICE_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('billing.invoice:in_inbox', 0))"
+
+
+def _reads_of(statements: list[str], table: str) -> list[int]:
+    return [i for i, s in enumerate(statements) if s.startswith("SELECT") and f'FROM "{table}"' in s]
+
+
+def test_a_subscription_update_locks_the_account_after_storing_the_event_and_before_reading(post_event):
+    """The event's row first (its INSERT), then the account's lock, then the reads it protects.
+    Here the trial's seats differ from the new quantity, so the window's seats are written."""
     post_event(trial_created())
     update = subscription_event(
         "customer.subscription.updated", trial_subscription("sub_inbox", "cus_inbox", quantity=4),
@@ -357,17 +369,12 @@ def test_the_event_insert_takes_the_account_lock_and_the_handlers_first_read_in_
 
     statements = _statements_of(post_event, update)
 
-    assert len(statements) == 3, statements
-    insert, write, seats = statements
-    assert insert.startswith("WITH inserted AS (INSERT INTO billing_stripeevent") and ACCOUNT_LOCK in insert
-    assert "WHERE s.stripe_id = 'sub_inbox' AND s.account_id = (SELECT id FROM locked) FOR UPDATE" in insert
-    assert write.startswith('WITH written AS (UPDATE "billing_subscription"') and "SELECT EXISTS" in write
-    # The handler's last write waits for a statement to carry it; none comes, so it goes alone.
-    assert seats.startswith('WITH _deferred0 AS (UPDATE "provisioning_entitlement" SET "seats" = 4')
+    insert, account_lock = _index(statements, EVENT_INSERT), _index(statements, *ACCOUNT_LOCK)
+    assert insert < account_lock < min(_reads_of(statements, "billing_subscription"))
+    assert [s for s in statements if s.startswith('UPDATE "provisioning_entitlement"')]
     subscription = Subscription.objects.get()
     assert (subscription.quantity, subscription.last_event_id) == (4, "evt_inbox_updated")
     assert Entitlement.objects.get().seats == 4  # the trial's window follows the seat change
-    assert not inbox.holds_account_lock("cus_inbox")  # the mark ends with the handler's run
 
 
 def test_a_seat_change_with_a_window_of_its_seats_already_writes_no_entitlement(post_event):
@@ -380,19 +387,19 @@ def test_a_seat_change_with_a_window_of_its_seats_already_writes_no_entitlement(
 
     statements = _statements_of(post_event, update)
 
-    assert len(statements) == 2, statements  # the event's INSERT, the subscription's UPDATE
+    assert not [s for s in statements if "provisioning_entitlement" in s and not s.startswith("SELECT")]
     assert (Subscription.objects.get().quantity, Entitlement.objects.get().seats) == (4, 4)
 
 
-def test_a_first_event_of_a_new_customer_finds_no_account_to_lock_and_the_handler_creates_it(post_event):
+def test_a_first_event_of_a_new_customer_creates_its_account_under_the_lock(post_event):
     statements = _statements_of(post_event, trial_created())
 
-    assert ACCOUNT_LOCK in next(s for s in statements if "INSERT INTO billing_stripeevent" in s)
+    assert _index(statements, EVENT_INSERT) < _index(statements, *ACCOUNT_LOCK)
     assert Account.objects.get().stripe_customer_id == "cus_inbox"
     assert stored("evt_inbox_created").status == "processed"
 
 
-def test_a_type_whose_handler_locks_no_account_is_stored_by_a_plain_insert(post_event):
+def test_a_type_without_a_handler_is_stored_by_one_insert_and_locks_nothing(post_event):
     payload = subscription_event(
         "customer.subscription.created", trial_subscription("sub_inbox", "cus_inbox"), created=T0,
         event_id="evt_inbox_created",
@@ -402,13 +409,13 @@ def test_a_type_whose_handler_locks_no_account_is_stored_by_a_plain_insert(post_
 
     statements = _statements_of(post_event, payload)
 
-    assert [s for s in statements if "INSERT INTO billing_stripeevent" in s and "FOR UPDATE" not in s]
+    assert len(statements) == 1 and statements[0].startswith(EVENT_INSERT), statements
     assert stored("evt_inbox_created").status == "ignored"
+    assert Account.objects.count() == 0
 
 
-def test_a_retried_failed_event_locks_the_account_itself_after_the_event_row(post_event, swap_handler):
-    """The row exists (failed), so the INSERT skips, and a statement whose INSERT skipped takes
-    no lock: the handler takes the account's lock itself, after the event row's."""
+def test_a_retried_failed_event_locks_the_account_after_the_event_row(post_event, swap_handler):
+    """The row exists (failed), so the INSERT skips: the row is locked, then the account."""
     post_event(trial_created())
     update = subscription_event(
         "customer.subscription.updated", trial_subscription("sub_inbox", "cus_inbox", quantity=4),
@@ -420,71 +427,51 @@ def test_a_retried_failed_event_locks_the_account_itself_after_the_event_row(pos
 
     statements = _statements_of(post_event, update)
 
-    event_lock = next(i for i, s in enumerate(statements) if s.startswith("SELECT status FROM billing_stripeevent"))
-    account_lock = next(i for i, s in enumerate(statements) if s.startswith('SELECT 1 FROM "provisioning_account"'))
-    assert event_lock < account_lock
+    assert _index(statements, EVENT_INSERT) < _index(statements, *EVENT_LOCK) < _index(statements, *ACCOUNT_LOCK)
     assert (stored("evt_inbox_updated").status, Subscription.objects.get().quantity) == ("processed", 4)
 
 
 def invoice_then_fail(event):
     """Test-only handler: mirror the invoice, then an error."""
-    services.mirror_invoice(event, whole_subscription=True)
+    invoices.mirror_invoice(event)
     raise RuntimeError(FAILURE)
 
 
-def test_a_retried_invoice_event_takes_the_invoice_lock_before_the_account_lock(post_event, swap_handler):
-    """The row exists (failed), so the INSERT takes no lock: the handler takes the invoice's
-    advisory lock, then the account's, in the order the inbox takes them on a first delivery."""
+def _paid_invoice_of_a_known_subscription(post_event):
     from .conftest import first_invoice_paid_event
 
     post_event(subscription_event(
         "customer.subscription.created", active_subscription("sub_inbox", "cus_inbox"), created=T0,
         event_id="evt_inbox_created",
     ))
-    paid = first_invoice_paid_event(
-        "in_inbox", sub_id="sub_inbox", customer="cus_inbox", start=T0, end=T0 + 30 * DAY, created=T0 + 5
-    )
-    swap_handler("invoice.paid", "billing.tests.test_webhook_inbox:invoice_then_fail")
-    assert post_event(paid).status_code == 500
-    swap_handler("invoice.paid", "billing.handlers:on_invoice_paid")
-
-    statements = _statements_of(post_event, paid)
-
-    def index(prefix: str) -> int:
-        return next(i for i, s in enumerate(statements) if s.startswith(prefix))
-
-    event_lock = index("SELECT status FROM billing_stripeevent")
-    invoice_lock = index("SELECT pg_advisory_xact_lock(hashtextextended('billing.invoice:in_inbox', 0))")
-    account_lock = index('SELECT 1 FROM "provisioning_account"')
-    assert event_lock < invoice_lock < account_lock
-    assert (stored(paid["id"]).status, Invoice.objects.get().status) == ("processed", "paid")
-
-
-def test_an_invoice_handlers_read_goes_out_with_the_event_insert(post_event):
-    """``invoice.paid``: the invoice, its subscription (locked) and the waiting payments are read
-    in the statement that stores the event; the handler sends no lock and no read of them."""
-    from .conftest import first_invoice_paid_event
-
-    post_event(subscription_event(
-        "customer.subscription.created", active_subscription("sub_inbox", "cus_inbox"), created=T0,
-        event_id="evt_inbox_created",
-    ))
-    paid = first_invoice_paid_event(
+    return first_invoice_paid_event(
         "in_inbox", sub_id="sub_inbox", customer="cus_inbox", start=T0, end=T0 + 30 * DAY, created=T0 + 5
     )
 
+
+def test_an_invoice_event_takes_the_invoice_lock_then_the_account_lock_before_any_read(post_event):
+    """``invoice.paid``: event row, invoice key, account, then the rows (docs/decisions/0002)."""
+    paid = _paid_invoice_of_a_known_subscription(post_event)
+
     statements = _statements_of(post_event, paid)
 
-    insert = statements[0]
-    assert insert.startswith("WITH inserted AS (INSERT INTO billing_stripeevent") and ACCOUNT_LOCK in insert
-    assert "FROM \"billing_invoice\" i WHERE i.stripe_id = 'in_inbox' FOR UPDATE" in insert
-    assert "FROM \"billing_subscription\" s WHERE s.stripe_id = 'sub_inbox' FOR UPDATE" in insert
-    # The invoice's advisory lock comes with the event's row, before the account's lock.
-    assert "RETURNING id, pg_advisory_xact_lock(hashtextextended('billing.invoice:in_inbox', 0))" in insert
-    assert not [s for s in statements[1:] if "provisioning_account\" WHERE" in s or "pg_advisory" in s]
-    # Waiting payments are asked again only by the new invoice's INSERT (after the lock), never alone.
-    asked = [s for s in statements[1:] if 'FROM "billing_payment" p' in s]
-    assert len(asked) == 1 and 'INSERT INTO "billing_invoice"' in asked[0]
+    account_lock = _index(statements, *ACCOUNT_LOCK)
+    assert _index(statements, EVENT_INSERT) < _index(statements, INVOICE_LOCK) < account_lock
+    for table in ("billing_invoice", "billing_subscription", "billing_renewal", "billing_payment"):
+        assert min(_reads_of(statements, table)) > account_lock, table
     invoice = Invoice.objects.get()
     assert (invoice.status, invoice.subscription.stripe_id) == ("paid", "sub_inbox")
     assert Entitlement.objects.get(kind="paid").seats == 1
+
+
+def test_a_retried_invoice_event_takes_the_invoice_lock_before_the_account_lock(post_event, swap_handler):
+    paid = _paid_invoice_of_a_known_subscription(post_event)
+    swap_handler("invoice.paid", "billing.tests.test_webhook_inbox:invoice_then_fail")
+    assert post_event(paid).status_code == 500
+    swap_handler("invoice.paid", "billing.webhook.handlers:on_invoice_paid")
+
+    statements = _statements_of(post_event, paid)
+
+    event_lock, invoice_lock = _index(statements, *EVENT_LOCK), _index(statements, INVOICE_LOCK)
+    assert event_lock < invoice_lock < _index(statements, *ACCOUNT_LOCK)
+    assert (stored(paid["id"]).status, Invoice.objects.get().status) == ("processed", "paid")

@@ -13,7 +13,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
-from billing import registry
+from billing.webhook import registry
 from billing.models import StripeEvent, Subscription
 from provisioning.models import Account
 

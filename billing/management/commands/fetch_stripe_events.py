@@ -5,7 +5,7 @@
 
 Stripe retries a webhook for three days; the Events API keeps 30 days. Events already in
 the inbox are skipped (a failed one is left to ``reprocess_stripe_events``); new ones go through
-``billing.inbox.receive``, exactly like a delivery (the API call itself is authenticated with
+``billing.webhook.inbox.receive``, exactly like a delivery (the API call itself is authenticated with
 ``STRIPE_API_KEY``, so there is no signature to check). https://docs.stripe.com/api/events/list
 """
 import json
@@ -17,7 +17,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from billing import inbox, stripe_api
+from billing import stripe_api
+from billing.webhook import inbox
 from billing.management.options import parse_since
 from billing.models import StripeEvent
 from billing.progress import Progress

@@ -5,14 +5,14 @@
     manage.py reprocess_stripe_events --id evt_1 --id evt_2
     manage.py reprocess_stripe_events --type invoice.paid --since 2026-01-01 --dry-run
 
-Each event is applied in its own transaction by ``billing.inbox.process_event``, the same path
+Each event is applied in its own transaction by ``billing.webhook.inbox.process_event``, the same path
 as a webhook delivery: a processed event is never applied twice.
 """
 from collections import Counter
 
 from django.core.management.base import BaseCommand, CommandError
 
-from billing import inbox
+from billing.webhook import inbox
 from billing.management.options import parse_since
 from billing.models import StripeEvent
 from billing.progress import Progress

@@ -1,39 +1,19 @@
 """What happens on each Stripe event, in one file.
 
 Each handler is registered for its event types and translates the event into service calls.
-It runs inside the inbox's transaction (``billing.inbox``); it never commits, talks HTTP or
-sends mail. Event types: https://docs.stripe.com/api/events/types
+It runs inside the inbox's transaction (``billing.webhook.inbox``); it never commits, talks
+HTTP or sends mail. The services take their own locks. Event types:
+https://docs.stripe.com/api/events/types
 """
+
+from ..services.accounts import link_checkout_to_account, record_payment_method
+from ..services.disputes import mirror_dispute
+from ..services.invoices import mirror_invoice, owe_payment_failed_email, settle_paid_invoice
+from ..services.payments import attach_waiting_payments, record_charge_refund, record_invoice_payment, record_refund
+from ..services.renewals import link_invoice_to_renewal
+from ..services.subscriptions import mirror_subscription, owe_trial_will_end_email
+from ..stripe_payloads import Event, read_invoice
 from .registry import handles
-from .services import (
-    attach_waiting_payments,
-    invoice_first_read,
-    invoice_lock_key,
-    link_checkout_to_account,
-    link_invoice_to_renewal,
-    mirror_invoice,
-    mirror_subscription,
-    owe_payment_failed_email,
-    owe_trial_will_end_email,
-    record_charge_refund,
-    record_invoice_payment,
-    record_payment_method,
-    record_refund,
-    settle_paid_invoice,
-    subscription_first_read,
-)
-from .stripe_payloads import Event, object_id, read_invoice
-
-
-def _customer(event: Event) -> str | None:
-    """The customer whose account the handler locks first (``registry.handles``)."""
-    return object_id(event.obj.get("customer")) or None
-
-
-def _invoice(event: Event) -> str | None:
-    """The invoice's lock, taken before the account's: its payments' writers take it too."""
-    stripe_id = event.obj.get("id")
-    return invoice_lock_key(stripe_id) if isinstance(stripe_id, str) and stripe_id else None
 
 
 @handles("checkout.session.completed")
@@ -42,19 +22,13 @@ def on_checkout_completed(event: Event) -> None:
     link_checkout_to_account(event)
 
 
-@handles(
-    "customer.subscription.created",
-    "customer.subscription.updated",
-    "customer.subscription.deleted",
-    locks_account_of=_customer,
-    reads_first=subscription_first_read,
-)
+@handles("customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted")
 def on_subscription_changed(event: Event) -> None:
     """Mirror the snapshot (unless older than the mirror) and keep entitlements in step."""
     mirror_subscription(event)
 
 
-@handles("customer.subscription.trial_will_end", locks_account_of=_customer, reads_first=subscription_first_read)
+@handles("customer.subscription.trial_will_end")
 def on_trial_will_end(event: Event) -> None:
     """Sent three days before a trial ends: mirror the snapshot and owe the reminder e-mail.
 
@@ -70,9 +44,6 @@ def on_trial_will_end(event: Event) -> None:
     "invoice.updated",
     "invoice.voided",
     "invoice.marked_uncollectible",
-    locks_account_of=_customer,
-    reads_first=invoice_first_read,
-    locks_key_of=_invoice,
 )
 def on_invoice_changed(event: Event) -> None:
     """Mirror the invoice and link it to the renewal it pays for.
@@ -83,19 +54,18 @@ def on_invoice_changed(event: Event) -> None:
     invoice, applied = mirror_invoice(event)
     if applied:
         link_invoice_to_renewal(invoice)
-    # Free unless mirror_invoice saw a payment waiting; even a stale snapshot's event attaches it.
-    attach_waiting_payments(invoice)
+    attach_waiting_payments(invoice)  # even a stale snapshot's event attaches a payment that waits
 
 
-@handles("invoice.paid", locks_account_of=_customer, reads_first=invoice_first_read, locks_key_of=_invoice)
+@handles("invoice.paid")
 def on_invoice_paid(event: Event) -> None:
     """Mark paid; process its renewal exactly once; owe the receipt exactly once."""
-    invoice, _ = mirror_invoice(event, whole_subscription=True)
+    invoice, _ = mirror_invoice(event)
     attach_waiting_payments(invoice)
     settle_paid_invoice(invoice)
 
 
-@handles("invoice.payment_failed", locks_account_of=_customer, reads_first=invoice_first_read, locks_key_of=_invoice)
+@handles("invoice.payment_failed")
 def on_invoice_payment_failed(event: Event) -> None:
     """Mirror the invoice and owe the billing-error e-mail (once per payment attempt)."""
     invoice, _ = mirror_invoice(event)
@@ -122,3 +92,19 @@ def on_refund_changed(event: Event) -> None:
 def on_setup_intent_succeeded(event: Event) -> None:
     """A payment method is on file for the customer's account."""
     record_payment_method(event)
+
+
+@handles(
+    "charge.dispute.created",
+    "charge.dispute.updated",
+    "charge.dispute.closed",
+    "charge.dispute.funds_withdrawn",
+    "charge.dispute.funds_reinstated",
+)
+def on_dispute_changed(event: Event) -> None:
+    """Mirror the dispute for support (newest snapshot wins); it changes no entitlement.
+
+    Each ``charge.dispute.*`` event carries the whole dispute as its object:
+    https://docs.stripe.com/api/events/types#event_types-charge.dispute.created
+    """
+    mirror_dispute(event)

@@ -17,7 +17,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from . import inbox
-from .stripe_payloads import envelope_problem
+from ..stripe_payloads import envelope_problem
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,191 @@
+"""The invoice mirror; a paid invoice settled exactly once; the e-mails an invoice owes.
+
+``mirror_invoice`` takes the invoice's lock, then the account's (``locks``), then reads. A
+snapshot older than the mirror is not written, and an invoice's status never moves backwards.
+``settle_paid_invoice`` grants what the invoice paid for, through its renewal, once.
+"""
+
+from __future__ import annotations
+
+from simple_history.utils import bulk_create_with_history
+
+from provisioning import services as provisioning
+from provisioning.models import Entitlement
+
+from ..models import Invoice, InvoiceLineItem, OwedEmail, Renewal, Subscription
+from ..outbox import owe_email
+from ..stripe_payloads import Event, InvoiceSnapshot, read_invoice
+from ..errors import PrerequisiteMissing
+from . import renewals
+from .locks import lock_account, lock_invoice
+from .snapshots import older_than_stored, save_snapshot
+from .subscriptions import end_subscription, seats_for_period
+
+# Stripe's invoice statuses in the order they can be reached; paid and void are final.
+# https://docs.stripe.com/invoicing/overview#invoice-statuses
+_STATUS_RANK = {"draft": 0, "open": 1, "uncollectible": 2, "paid": 3, "void": 3}
+
+
+def _status_moves_backwards(current: str, new: str) -> bool:
+    if current == new:
+        return False
+    return _STATUS_RANK.get(new, 0) <= _STATUS_RANK.get(current, 0)
+
+
+def mirror_invoice(event: Event) -> tuple[Invoice, bool]:
+    """Mirror the invoice snapshot of ``event``; (row, whether the snapshot was applied).
+
+    The invoice's subscription, if mirrored, comes cached on it (``invoice.subscription``).
+    """
+    snap = read_invoice(event.obj)
+    lock_invoice(snap.stripe_id)
+    account = lock_account(snap.customer)
+    sub = Subscription.objects.filter(stripe_id=snap.subscription_id).first() if snap.subscription_id else None
+    invoice = Invoice.objects.filter(stripe_id=snap.stripe_id).first()
+    line = snap.subscription_line
+    values = {
+        "subscription_id": sub.pk if sub else None,
+        "stripe_subscription_id": snap.subscription_id,
+        "number": snap.number,
+        "status": snap.status,
+        "billing_reason": snap.billing_reason,
+        "currency": snap.currency,
+        "total": snap.total,
+        "amount_due": snap.amount_due,
+        "amount_paid": snap.amount_paid,
+        "amount_remaining": snap.amount_remaining,
+        "customer_email": snap.customer_email,
+        "hosted_invoice_url": snap.hosted_invoice_url,
+        "invoice_pdf": snap.invoice_pdf,
+        "period_start": line.period_start if line else None,
+        "period_end": line.period_end if line else None,
+        "line_quantity": line.quantity if line else None,
+        "paid_at": snap.paid_at or (event.created if snap.status == Invoice.Status.PAID else None),
+        "stripe_created": snap.created,
+    }
+    if invoice is None:
+        invoice = Invoice(stripe_id=snap.stripe_id, account=account, **values)
+        invoice.last_event_created, invoice.last_event_id = event.created, event.id
+        invoice._change_reason = event.type
+        invoice.save()
+        _write_lines(invoice, snap, new=True)
+        applied = True
+    elif older_than_stored(invoice, event) or _status_moves_backwards(invoice.status, snap.status):
+        applied = False
+    else:
+        if sub is None:
+            values["subscription_id"] = invoice.subscription_id  # never forget a known subscription
+        values["paid_at"] = values["paid_at"] or invoice.paid_at
+        was_draft = invoice.status == Invoice.Status.DRAFT
+        save_snapshot(invoice, values, event)
+        if was_draft:
+            _write_lines(invoice, snap, new=False)  # lines only change while the invoice is a draft
+        applied = True
+    if invoice.account_id == account.pk:
+        invoice.account = account
+    if sub is not None and invoice.subscription_id == sub.pk:
+        invoice.subscription = sub
+    return invoice, applied
+
+
+def _write_lines(invoice: Invoice, snap: InvoiceSnapshot, *, new: bool) -> None:
+    """The invoice's lines as the snapshot has them (rewritten only if they differ)."""
+
+    def key(line):
+        return (line.stripe_id, line.amount, line.quantity, line.period_start, line.period_end)
+
+    existing = [] if new else list(invoice.lines.all())
+    if {key(line) for line in existing} == {key(line) for line in snap.lines}:
+        return
+    for line in existing:
+        line._change_reason = "invoice snapshot"
+        line.delete()
+    rows = [
+            InvoiceLineItem(
+                invoice=invoice,
+                stripe_id=line.stripe_id,
+                description=line.description[:10000],
+                currency=line.currency,
+                amount=line.amount,
+                quantity=line.quantity,
+                period_start=line.period_start,
+                period_end=line.period_end,
+                parent_type=line.parent_type,
+                stripe_subscription_id=line.subscription_id,
+                price_id=line.price_id,
+                proration=line.proration,
+            )
+        for line in snap.lines
+    ]
+    bulk_create_with_history(rows, InvoiceLineItem, default_change_reason="invoice snapshot")
+
+
+def settle_paid_invoice(invoice: Invoice) -> None:
+    """``invoice.paid``: grant what it paid for (once) and owe its receipt (once)."""
+    if invoice.status != Invoice.Status.PAID:
+        return  # a stale snapshot of an invoice whose payment we have not seen yet
+    if invoice.subscription_id is None and invoice.stripe_subscription_id:
+        raise PrerequisiteMissing(
+            f"invoice {invoice.stripe_id} pays for subscription {invoice.stripe_subscription_id}, not known yet"
+        )
+    if invoice.subscription_id is not None and invoice.period_start and invoice.period_end:
+        sub = invoice.subscription
+        if _is_trial_invoice(sub, invoice):
+            pass  # the trial's own $0 invoice: the trial entitlement already covers it
+        elif invoice.billing_reason == "subscription_create":
+            grant_paid_period(sub, invoice)  # the first invoice has no renewal before it
+            renewals.relink_renewal_entitlements(sub)
+        else:
+            # A renewal created here is linked to this (already mirrored) invoice by ensure_renewal.
+            renewal = renewals.link_invoice_to_renewal(invoice) or renewals.ensure_renewal(sub, invoice.period_start)
+            if not process_renewal(renewal, invoice, sub):  # which relinks them when it processes
+                renewals.relink_renewal_entitlements(sub)
+    if invoice.total > 0:
+        owe_email(OwedEmail.Kind.RECEIPT, key=f"receipt:{invoice.stripe_id}", account=invoice.account, invoice=invoice)
+
+
+def _is_trial_invoice(sub: Subscription, invoice: Invoice) -> bool:
+    return bool(sub.trial_end and invoice.period_end and invoice.period_end <= sub.trial_end)
+
+
+def grant_paid_period(sub: Subscription, invoice: Invoice) -> None:
+    """A ``paid`` entitlement for the invoice's service period, and the next renewal planned.
+
+    The caller relinks the renewals' entitlements once it has made all its changes.
+    """
+    provisioning.grant_entitlement(
+        sub.account_id,
+        kind=Entitlement.Kind.PAID,
+        stripe_subscription_id=sub.stripe_id,
+        starts_at=invoice.period_start,
+        expires_at=invoice.period_end,
+        seats=seats_for_period(sub, invoice.period_start, invoice.line_quantity),
+        stripe_invoice_id=invoice.stripe_id,
+    )
+    if not sub.ended_at or sub.ended_at > invoice.period_end:
+        renewals.ensure_renewal(sub, invoice.period_end)
+    if sub.ended_at:
+        end_subscription(sub)
+
+
+def process_renewal(renewal: Renewal, invoice: Invoice, sub: Subscription) -> bool:
+    """Grant the period ``invoice`` paid for through ``renewal``, exactly once.
+
+    ``renewal`` was read under the account's lock, which every writer of ``processed_at``
+    holds: what it says is current.
+    """
+    if renewal.processed_at is not None:
+        return False
+    grant_paid_period(sub, invoice)
+    processed_at = invoice.paid_at or invoice.last_event_created
+    renewals.relink_renewal_entitlements(sub, processing=(renewal, processed_at, f"processed by {invoice.stripe_id}"))
+    return True
+
+
+def owe_payment_failed_email(invoice: Invoice, attempt_count: int) -> None:
+    owe_email(
+        OwedEmail.Kind.PAYMENT_FAILED,
+        key=f"payment_failed:{invoice.stripe_id}:{attempt_count}",
+        account=invoice.account,
+        invoice=invoice,
+    )

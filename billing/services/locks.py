@@ -1,0 +1,53 @@
+"""The locks a service takes before it reads, always in this order (docs/decisions/0002):
+
+1. ``lock_invoice(stripe_invoice_id)``: the invoice's advisory lock. Payment writers know the
+   invoice but not the customer, so this is what orders an invoice with its payments.
+2. ``lock_account(customer)``: the customer's account row. Every writer of a customer's
+   subscriptions, invoices, renewals and entitlements holds it, so one customer's events are
+   applied one at a time and those rows need no lock of their own.
+3. ``lock_payment(payment_intent_id)``: a payment's row (and, through ``select_for_update``,
+   a refund's or an invoice's row when a service changes an amount), last.
+
+Before all of them the inbox holds the event's own row (its INSERT). Take each lock in a
+statement of its own, before reading what it protects: PostgreSQL shows a statement the rows as
+they were when it started, even if it then waited for a lock.
+"""
+
+from __future__ import annotations
+
+from provisioning import services as provisioning
+from provisioning.models import Account
+
+from .. import sql
+from ..models import Payment
+from ..stripe_payloads import CustomerRef
+
+
+def invoice_lock_key(stripe_invoice_id: str) -> str:
+    return f"billing.invoice:{stripe_invoice_id}"
+
+
+def lock_invoice(stripe_invoice_id: str) -> None:
+    """Hold the invoice's advisory lock until the transaction ends (PostgreSQL; SQLite has one writer).
+
+    An invoice handler and the writer of a payment of that invoice take it first. Without it a
+    payment and its invoice, committed at the same instant, could each miss the other's row:
+    the payment left unattached and its refunds never counted on the invoice.
+    """
+    sql.advisory_xact_lock(invoice_lock_key(stripe_invoice_id))
+
+
+def lock_account(customer: CustomerRef) -> Account:
+    """The customer's account, locked until the transaction ends; created if never seen."""
+    return provisioning.lock_account_for_customer(customer.customer_id, name=customer.name, email=customer.email)
+
+
+def lock_payment(payment_intent_id: str, **defaults) -> Payment:
+    """The Payment of a PaymentIntent, locked; created (with ``defaults``) if never seen.
+
+    ``payment_intent_id`` is ``charge:<id>`` for a charge that names no PaymentIntent. Two
+    first writers of one payment both try the INSERT; the second waits for the first to commit,
+    then finds and locks its row (``get_or_create`` retries the read after the conflict).
+    """
+    payment, _ = Payment.objects.select_for_update().get_or_create(payment_intent_id=payment_intent_id, defaults=defaults)
+    return payment

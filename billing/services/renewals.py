@@ -1,0 +1,120 @@
+"""Renewals: planned ahead, linked to the invoice that pays for them, processed exactly once.
+
+A renewal and its invoice are linked from both sides, by the one rule of ``billing.matching``
+(docs/decisions/0001-invoice-to-renewal-matching.rst): when the invoice arrives
+(``link_invoice_to_renewal``) and when the renewal is created (``link_renewal_to_invoice``),
+so the link does not depend on which came first. The callers hold the account's lock, which
+every writer of a subscription's renewals holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from django.db.models import Q
+
+from provisioning.models import Entitlement
+
+from .. import matching
+from ..models import Invoice, Renewal, Subscription
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_renewal(sub: Subscription, effective_date: datetime) -> Renewal:
+    """The renewal of ``sub`` effective at ``effective_date`` (by the matching rule), created if absent.
+
+    A renewal created here is linked at once to an invoice of its date that arrived before it.
+    """
+    start, end = matching.utc_day(effective_date)
+    same_day = Renewal.objects.filter(subscription=sub, effective_date__gte=start, effective_date__lt=end)
+    renewal = matching.pick_by_instant(((r.effective_date, r) for r in same_day), effective_date)
+    if renewal is None:
+        renewal = Renewal.objects.create(subscription=sub, effective_date=effective_date)
+        link_renewal_to_invoice(renewal)
+    return renewal
+
+
+def link_renewal_to_invoice(renewal: Renewal) -> None:
+    """Link a new renewal to an invoice that arrived before it (the same rule, seen from the renewal)."""
+    start, end = matching.utc_day(renewal.effective_date)
+    linked = Renewal.objects.filter(subscription_id=renewal.subscription_id, stripe_invoice_id__isnull=False)
+    candidates = Invoice.objects.filter(
+        subscription_id=renewal.subscription_id, period_start__gte=start, period_start__lt=end
+    ).exclude(stripe_id__in=linked.values("stripe_invoice_id"))
+    invoice = matching.pick_by_instant(((i.period_start, i) for i in candidates), renewal.effective_date)
+    if invoice is not None:
+        renewal.stripe_invoice_id = invoice.stripe_id
+        renewal._change_reason = f"linked to {invoice.stripe_id}"
+        renewal.save(update_fields=["stripe_invoice_id", "updated_at"])
+
+
+def link_invoice_to_renewal(invoice: Invoice) -> Renewal | None:
+    """Link ``invoice`` to the renewal it pays for; the renewal (linked before or now), or None.
+
+    A renewal already linked to another invoice keeps its link: the conflict is logged and
+    that renewal is returned so the caller can decide (DESIGN: a linked renewal never changes).
+    """
+    if invoice.subscription_id is None or invoice.period_start is None:
+        return None
+    start, end = matching.utc_day(invoice.period_start)
+    candidates = Renewal.objects.filter(
+        Q(effective_date__gte=start, effective_date__lt=end) | Q(stripe_invoice_id=invoice.stripe_id),
+        subscription_id=invoice.subscription_id,
+    )
+    decision = matching.decide_link(
+        ((r.effective_date, r.stripe_invoice_id, r) for r in candidates),
+        invoice.stripe_id,
+        invoice.period_start,
+        invoice_already_linked=False,
+    )
+    renewal = decision.renewal
+    if decision.outcome == matching.Decision.LINK:
+        renewal.stripe_invoice_id = invoice.stripe_id
+        renewal._change_reason = f"linked to {invoice.stripe_id}"
+        renewal.save(update_fields=["stripe_invoice_id", "updated_at"])
+    elif decision.outcome == matching.Decision.CONFLICT:
+        logger.warning(
+            "renewal %s is linked to %s; ignoring conflicting invoice %s",
+            renewal.pk,
+            renewal.stripe_invoice_id,
+            invoice.stripe_id,
+        )
+    return renewal
+
+
+def relink_renewal_entitlements(sub: Subscription, processing: tuple[Renewal, datetime, str] | None = None) -> None:
+    """Each processed renewal moves from the window before it to the paid window it starts.
+
+    "The window before it": the subscription's entitlement that starts last before the
+    renewal's date (the later-created on a tie); "the paid window it starts": the first paid
+    entitlement starting at that date. Only renewals whose links change are written.
+
+    ``processing`` (renewal, processed_at, reason): that renewal is marked processed in the
+    same save as its links, so its history shows one change with the reason.
+    """
+    windows = sorted(
+        Entitlement.objects.filter(stripe_subscription_id=sub.stripe_id).only("id", "kind", "starts_at"),
+        key=lambda e: (e.starts_at, e.pk),
+    )
+    renewing = Q(processed_at__isnull=False)
+    if processing is not None:
+        renewing |= Q(pk=processing[0].pk)
+    for renewal in Renewal.objects.filter(renewing, subscription=sub):
+        before = [e for e in windows if e.starts_at < renewal.effective_date]
+        starts = [e for e in windows if e.kind == Entitlement.Kind.PAID and e.starts_at == renewal.effective_date]
+        values = {
+            "from_entitlement_id": before[-1].pk if before else None,
+            "to_entitlement_id": starts[0].pk if starts else None,
+        }
+        reason = None
+        if processing is not None and renewal.pk == processing[0].pk:
+            values["processed_at"], reason = processing[1], processing[2]
+            processing[0].processed_at = processing[1]
+        changed = [name for name, value in values.items() if getattr(renewal, name) != value]
+        if changed:
+            for name in changed:
+                setattr(renewal, name, values[name])
+            renewal._change_reason = reason
+            renewal.save(update_fields=[*changed, "updated_at"])
