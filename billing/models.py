@@ -297,6 +297,103 @@ class Refund(models.Model):
         return self.stripe_id
 
 
+class DisputeQuerySet(models.QuerySet):
+    """Disputes reached through their payment, resolved when asked (docs/decisions/0006-disputes.rst).
+
+    A dispute names its charge and PaymentIntent only. Which invoice that payment paid is what
+    ``Payment.stripe_invoice_id`` says *now*, and whose invoice it is is what ``Invoice.account``
+    says now (after any merge of accounts), so nothing here goes stale when the payment or the
+    invoice arrives after the dispute.
+    """
+
+    def of_payments(self, payments: models.QuerySet) -> "DisputeQuerySet":
+        """Disputes of the PaymentIntents or charges of ``payments`` (a ``Payment`` queryset)."""
+        return self.filter(
+            models.Q(payment_intent_id__in=payments.values("payment_intent_id"))
+            | models.Q(charge_id__in=payments.exclude(charge_id="").values("charge_id"))
+        )
+
+    def for_invoice(self, invoice: Invoice) -> "DisputeQuerySet":
+        return self.of_payments(Payment.objects.filter(stripe_invoice_id=invoice.stripe_id))
+
+    def for_account(self, account: Account) -> "DisputeQuerySet":
+        invoice_ids = Invoice.objects.filter(account=account).values("stripe_id")
+        return self.of_payments(Payment.objects.filter(stripe_invoice_id__in=invoice_ids))
+
+    def payments(self) -> models.QuerySet:
+        """The payments these disputes are about: the rule of ``of_payments``, read backwards."""
+        return Payment.objects.filter(
+            models.Q(payment_intent_id__in=self.exclude(payment_intent_id="").values("payment_intent_id"))
+            | models.Q(charge_id__in=self.exclude(charge_id="").values("charge_id"))
+        )
+
+
+class Dispute(MirrorFields):
+    """Mirror of a Stripe dispute (https://docs.stripe.com/api/disputes/object).
+
+    A cardholder's bank contests a charge. The dispute is shown to support on its invoice and
+    its account, found through its payment at read time (``Dispute.objects.for_invoice``); it
+    changes no entitlement by itself. Money is an integer in the currency's minor unit.
+    """
+
+    class Status(models.TextChoices):
+        # https://docs.stripe.com/api/disputes/object#dispute_object-status
+        WARNING_NEEDS_RESPONSE = "warning_needs_response"
+        WARNING_UNDER_REVIEW = "warning_under_review"
+        WARNING_CLOSED = "warning_closed"
+        NEEDS_RESPONSE = "needs_response"
+        UNDER_REVIEW = "under_review"
+        APPEAL_NEEDS_RESPONSE = "appeal_needs_response"
+        APPEAL_UNDER_REVIEW = "appeal_under_review"
+        WON = "won"
+        LOST = "lost"
+        PREVENTED = "prevented"
+
+    stripe_id = models.CharField(max_length=255, unique=True, help_text="Stripe's dispute id (dp_...).")
+    charge_id = models.CharField(max_length=255, db_index=True, help_text="The disputed charge (ch_...).")
+    payment_intent_id = models.CharField(
+        max_length=255,
+        blank=True,
+        db_index=True,
+        help_text="The PaymentIntent of the disputed charge (pi_...); blank for a charge made without one. "
+        "Through its Payment it reaches the invoice and the account.",
+    )
+    amount = models.BigIntegerField(
+        default=0, help_text="Disputed amount in the currency's minor unit; may be less than the charge."
+    )
+    currency = models.CharField(max_length=3)
+    reason = models.CharField(
+        max_length=64, blank=True, help_text="The cardholder's reason, in Stripe's words (fraudulent, duplicate, ...)."
+    )
+    status = models.CharField(max_length=32, choices=Status.choices)
+    evidence_due_by = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="`evidence_details.due_by`: last moment to submit evidence; empty when no response is allowed.",
+    )
+    is_charge_refundable = models.BooleanField(
+        default=False, help_text="Whether refunding the charge is still possible (and would stop further withdrawals)."
+    )
+
+    objects = DisputeQuerySet.as_manager()
+    history = HistoricalRecords()
+
+    class Meta:
+        ordering = ["-stripe_created", "-pk"]
+
+    def __str__(self):
+        return self.stripe_id
+
+    def payments(self) -> models.QuerySet:
+        """The payments of this dispute's PaymentIntent or charge (``DisputeQuerySet.payments``)."""
+        return Dispute.objects.filter(pk=self.pk).payments()
+
+    def invoices(self) -> models.QuerySet:
+        """The invoices those payments paid (usually one), with their accounts."""
+        paid = self.payments().values("stripe_invoice_id")
+        return Invoice.objects.filter(stripe_id__in=paid).select_related("account")
+
+
 class OwedEmail(models.Model):
     """An e-mail the app owes, recorded in the transaction of the change that owes it.
 

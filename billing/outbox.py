@@ -37,10 +37,10 @@ def owe_email(kind: str, *, key: str, account, invoice=None, subscription=None) 
     """Record that ``kind`` is owed (once per ``key``); send it after commit. None if already owed."""
     from .tasks import send_owed_email
 
-    owed, created = OwedEmail.objects.get_or_create(
-        key=key, defaults={"kind": kind, "account": account, "invoice": invoice, "subscription": subscription}
-    )
-    if not created:
+    from . import sql
+
+    owed = OwedEmail(key=key, kind=kind, account=account, invoice=invoice, subscription=subscription)
+    if not sql.create_with_history(owed, reason=None, unless_exists=["key"]):
         return None  # owed already: a duplicate delivery, or a concurrent one that committed first
 
     if send_owed_email.app.conf.task_always_eager:

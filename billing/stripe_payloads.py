@@ -355,6 +355,44 @@ def read_refund(obj: dict) -> RefundSnapshot:
     )
 
 
+# --- Disputes ------------------------------------------------------------------------------
+
+
+class DisputeSnapshot(NamedTuple):
+    stripe_id: str
+    charge_id: str
+    payment_intent_id: str  # "" for a charge made without a PaymentIntent
+    amount: int
+    currency: str
+    reason: str
+    status: str
+    evidence_due_by: datetime | None
+    is_charge_refundable: bool
+    created: datetime | None
+
+
+def read_dispute(obj: dict) -> DisputeSnapshot:
+    """A dispute (``charge.dispute.*`` events): https://docs.stripe.com/api/disputes/object
+
+    A dispute names its charge and PaymentIntent, never a customer or an invoice: those are
+    reached through the payment (``billing.models.DisputeQuerySet``). ``evidence_details.due_by``
+    is 0 when the card network allows no response; that is read as "no deadline" (None).
+    """
+    due_by = (obj.get("evidence_details") or {}).get("due_by")
+    return DisputeSnapshot(
+        stripe_id=require(obj, "id"),
+        charge_id=object_id(require(obj, "charge")),
+        payment_intent_id=object_id(obj.get("payment_intent")),
+        amount=int(obj.get("amount") or 0),
+        currency=(require(obj, "currency") or "").lower(),
+        reason=obj.get("reason") or "",
+        status=require(obj, "status"),
+        evidence_due_by=ts(due_by) if due_by else None,
+        is_charge_refundable=bool(obj.get("is_charge_refundable")),
+        created=ts(obj.get("created")),
+    )
+
+
 # --- Checkout and setup --------------------------------------------------------------------
 
 

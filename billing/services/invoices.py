@@ -7,17 +7,19 @@ snapshot older than the mirror is not written, and an invoice's status never mov
 
 from __future__ import annotations
 
-from simple_history.utils import bulk_create_with_history
+from typing import NamedTuple
 
 from provisioning import services as provisioning
 from provisioning.models import Entitlement
 
+from .. import sql
+from ..errors import PrerequisiteMissing
 from ..models import Invoice, InvoiceLineItem, OwedEmail, Renewal, Subscription
 from ..outbox import owe_email
 from ..stripe_payloads import Event, InvoiceSnapshot, read_invoice
-from ..errors import PrerequisiteMissing
 from . import renewals
 from .locks import lock_account, lock_invoice
+from .payments import attach_waiting_payments
 from .snapshots import older_than_stored, save_snapshot
 from .subscriptions import end_subscription, seats_for_period
 
@@ -32,17 +34,24 @@ def _status_moves_backwards(current: str, new: str) -> bool:
     return _STATUS_RANK.get(new, 0) <= _STATUS_RANK.get(current, 0)
 
 
-def mirror_invoice(event: Event) -> tuple[Invoice, bool]:
-    """Mirror the invoice snapshot of ``event``; (row, whether the snapshot was applied).
+class MirroredInvoice(NamedTuple):
+    invoice: Invoice
+    applied: bool  # False if the snapshot was older than the mirror (nothing of it written)
+    renewal: Renewal | None  # the renewal the invoice pays for, linked before or now
+
+
+def mirror_invoice(event: Event) -> MirroredInvoice:
+    """Mirror the invoice snapshot of ``event``, link the invoice to the renewal it pays for,
+    and attach the payments that arrived before it.
 
     The invoice's subscription, if mirrored, comes cached on it (``invoice.subscription``).
     """
     snap = read_invoice(event.obj)
     lock_invoice(snap.stripe_id)
     account = lock_account(snap.customer)
-    sub = Subscription.objects.filter(stripe_id=snap.subscription_id).first() if snap.subscription_id else None
-    invoice = Invoice.objects.filter(stripe_id=snap.stripe_id).first()
     line = snap.subscription_line
+    read = sql.invoice_read(snap.stripe_id, snap.subscription_id, line.period_start if line else None)
+    invoice, sub = read.invoice, read.subscription
     values = {
         "subscription_id": sub.pk if sub else None,
         "stripe_subscription_id": snap.subscription_id,
@@ -66,8 +75,7 @@ def mirror_invoice(event: Event) -> tuple[Invoice, bool]:
     if invoice is None:
         invoice = Invoice(stripe_id=snap.stripe_id, account=account, **values)
         invoice.last_event_created, invoice.last_event_id = event.created, event.id
-        invoice._change_reason = event.type
-        invoice.save()
+        sql.create_with_history(invoice, reason=event.type)
         _write_lines(invoice, snap, new=True)
         applied = True
     elif older_than_stored(invoice, event) or _status_moves_backwards(invoice.status, snap.status):
@@ -85,7 +93,10 @@ def mirror_invoice(event: Event) -> tuple[Invoice, bool]:
         invoice.account = account
     if sub is not None and invoice.subscription_id == sub.pk:
         invoice.subscription = sub
-    return invoice, applied
+    renewal = renewals.link_invoice_to_renewal(invoice, linked=read.linked_renewal, exact=read.exact_renewal)
+    if read.payments_waiting:
+        attach_waiting_payments(invoice)
+    return MirroredInvoice(invoice, applied, renewal)
 
 
 def _write_lines(invoice: Invoice, snap: InvoiceSnapshot, *, new: bool) -> None:
@@ -117,11 +128,14 @@ def _write_lines(invoice: Invoice, snap: InvoiceSnapshot, *, new: bool) -> None:
             )
         for line in snap.lines
     ]
-    bulk_create_with_history(rows, InvoiceLineItem, default_change_reason="invoice snapshot")
+    sql.create_many_with_history(rows, reason="invoice snapshot")
 
 
-def settle_paid_invoice(invoice: Invoice) -> None:
-    """``invoice.paid``: grant what it paid for (once) and owe its receipt (once)."""
+def settle_paid_invoice(invoice: Invoice, renewal: Renewal | None) -> None:
+    """``invoice.paid``: grant what it paid for (once) and owe its receipt (once).
+
+    ``renewal``: the renewal the invoice was linked to (``mirror_invoice``), if any.
+    """
     if invoice.status != Invoice.Status.PAID:
         return  # a stale snapshot of an invoice whose payment we have not seen yet
     if invoice.subscription_id is None and invoice.stripe_subscription_id:
@@ -137,7 +151,7 @@ def settle_paid_invoice(invoice: Invoice) -> None:
             renewals.relink_renewal_entitlements(sub)
         else:
             # A renewal created here is linked to this (already mirrored) invoice by ensure_renewal.
-            renewal = renewals.link_invoice_to_renewal(invoice) or renewals.ensure_renewal(sub, invoice.period_start)
+            renewal = renewal or renewals.ensure_renewal(sub, invoice.period_start)
             if not process_renewal(renewal, invoice, sub):  # which relinks them when it processes
                 renewals.relink_renewal_entitlements(sub)
     if invoice.total > 0:

@@ -39,7 +39,11 @@ def lock_invoice(stripe_invoice_id: str) -> None:
 
 def lock_account(customer: CustomerRef) -> Account:
     """The customer's account, locked until the transaction ends; created if never seen."""
-    return provisioning.lock_account_for_customer(customer.customer_id, name=customer.name, email=customer.email)
+    account = sql.locked_account(customer.customer_id)
+    if account is None:
+        return provisioning.lock_account_for_customer(customer.customer_id, name=customer.name, email=customer.email)
+    provisioning.learn_customer_details(account, customer.name, customer.email)
+    return account
 
 
 def lock_payment(payment_intent_id: str, **defaults) -> Payment:
@@ -47,7 +51,22 @@ def lock_payment(payment_intent_id: str, **defaults) -> Payment:
 
     ``payment_intent_id`` is ``charge:<id>`` for a charge that names no PaymentIntent. Two
     first writers of one payment both try the INSERT; the second waits for the first to commit,
-    then finds and locks its row (``get_or_create`` retries the read after the conflict).
+    then finds and locks its row.
     """
-    payment, _ = Payment.objects.select_for_update().get_or_create(payment_intent_id=payment_intent_id, defaults=defaults)
-    return payment
+    return get_or_create_locked(Payment, {"payment_intent_id": payment_intent_id}, defaults)[0]
+
+
+def get_or_create_locked(model, unique: dict, defaults: dict, *, reason: str | None = None):
+    """(row, created): the row of ``model`` with the ``unique`` values, locked; created if absent.
+
+    ``get_or_create`` on a locked queryset, without its savepoint: the INSERT skips a row that
+    exists (``ON CONFLICT DO NOTHING``, after waiting for a concurrent creator to commit), and
+    the row is then read under its lock.
+    """
+    row = model.objects.select_for_update().filter(**unique).first()
+    if row is not None:
+        return row, False
+    row = model(**unique, **defaults)
+    if sql.create_with_history(row, reason=reason, unless_exists=list(unique)):
+        return row, True
+    return model.objects.select_for_update().get(**unique), False

@@ -18,7 +18,7 @@ from django.db.models import Q
 
 from ..models import Invoice, Payment, Refund
 from ..stripe_payloads import Event, read_charge, read_invoice_payment, read_refund
-from .locks import lock_invoice, lock_payment
+from .locks import get_or_create_locked, lock_invoice, lock_payment
 from .snapshots import older_than_stored, save_changed
 
 # Refund statuses that count against the invoice: https://docs.stripe.com/api/refunds/object#refund_object-status
@@ -34,7 +34,13 @@ def record_invoice_payment(event: Event) -> None:
     if snap.invoice_id:
         lock_invoice(snap.invoice_id)
         invoice = Invoice.objects.filter(stripe_id=snap.invoice_id).first()
-    payment = lock_payment(snap.payment_intent_id, stripe_invoice_id=snap.invoice_id, invoice=invoice)
+    payment, created = get_or_create_locked(
+        Payment, {"payment_intent_id": snap.payment_intent_id}, {"stripe_invoice_id": snap.invoice_id, "invoice": invoice}
+    )
+    if created and not Refund.objects.filter(payment_intent_id=snap.payment_intent_id).exists():
+        # Nothing of it is refunded yet: its invoice's refunded amount cannot change. A refund
+        # written concurrently waits for this payment's row (lock_payment), then recomputes.
+        return
     save_changed(payment, {"stripe_invoice_id": snap.invoice_id}, reason=event.type)
     recompute_refunded(payment)
 
@@ -66,8 +72,8 @@ def record_refund(event: Event) -> None:
         "currency": snap.currency,
         "status": snap.status,
     }
-    refund, created = Refund.objects.select_for_update().get_or_create(
-        stripe_id=snap.stripe_id, defaults={**values, "last_event_created": event.created}
+    refund, created = get_or_create_locked(
+        Refund, {"stripe_id": snap.stripe_id}, {**values, "last_event_created": event.created}, reason=event.type
     )
     if not created:
         if older_than_stored(refund, event):

@@ -14,9 +14,7 @@ from datetime import datetime
 
 from django.db.models import Q
 
-from provisioning.models import Entitlement
-
-from .. import matching
+from .. import matching, sql
 from ..models import Invoice, Renewal, Subscription
 
 logger = logging.getLogger(__name__)
@@ -31,7 +29,8 @@ def ensure_renewal(sub: Subscription, effective_date: datetime) -> Renewal:
     same_day = Renewal.objects.filter(subscription=sub, effective_date__gte=start, effective_date__lt=end)
     renewal = matching.pick_by_instant(((r.effective_date, r) for r in same_day), effective_date)
     if renewal is None:
-        renewal = Renewal.objects.create(subscription=sub, effective_date=effective_date)
+        renewal = Renewal(subscription=sub, effective_date=effective_date)
+        sql.create_with_history(renewal, reason=None)
         link_renewal_to_invoice(renewal)
     return renewal
 
@@ -46,23 +45,32 @@ def link_renewal_to_invoice(renewal: Renewal) -> None:
     invoice = matching.pick_by_instant(((i.period_start, i) for i in candidates), renewal.effective_date)
     if invoice is not None:
         renewal.stripe_invoice_id = invoice.stripe_id
-        renewal._change_reason = f"linked to {invoice.stripe_id}"
-        renewal.save(update_fields=["stripe_invoice_id", "updated_at"])
+        sql.save_with_history(renewal, ["stripe_invoice_id"], reason=f"linked to {invoice.stripe_id}")
 
 
-def link_invoice_to_renewal(invoice: Invoice) -> Renewal | None:
+def link_invoice_to_renewal(
+    invoice: Invoice, *, linked: Renewal | None = None, exact: Renewal | None = None
+) -> Renewal | None:
     """Link ``invoice`` to the renewal it pays for; the renewal (linked before or now), or None.
 
     A renewal already linked to another invoice keeps its link: the conflict is logged and
     that renewal is returned so the caller can decide (DESIGN: a linked renewal never changes).
+    ``linked`` (the renewal already linked to the invoice) and ``exact`` (the one effective at
+    the exact start of its period), when the caller has read them, decide it without reading
+    the other candidates: by the matching rule nothing else can win over them.
     """
     if invoice.subscription_id is None or invoice.period_start is None:
         return None
-    start, end = matching.utc_day(invoice.period_start)
-    candidates = Renewal.objects.filter(
-        Q(effective_date__gte=start, effective_date__lt=end) | Q(stripe_invoice_id=invoice.stripe_id),
-        subscription_id=invoice.subscription_id,
-    )
+    if linked is not None and linked.subscription_id == invoice.subscription_id:
+        return linked
+    if exact is not None and exact.subscription_id == invoice.subscription_id and exact.effective_date == invoice.period_start:
+        candidates = [exact]
+    else:
+        start, end = matching.utc_day(invoice.period_start)
+        candidates = Renewal.objects.filter(
+            Q(effective_date__gte=start, effective_date__lt=end) | Q(stripe_invoice_id=invoice.stripe_id),
+            subscription_id=invoice.subscription_id,
+        )
     decision = matching.decide_link(
         ((r.effective_date, r.stripe_invoice_id, r) for r in candidates),
         invoice.stripe_id,
@@ -72,8 +80,7 @@ def link_invoice_to_renewal(invoice: Invoice) -> Renewal | None:
     renewal = decision.renewal
     if decision.outcome == matching.Decision.LINK:
         renewal.stripe_invoice_id = invoice.stripe_id
-        renewal._change_reason = f"linked to {invoice.stripe_id}"
-        renewal.save(update_fields=["stripe_invoice_id", "updated_at"])
+        sql.save_with_history(renewal, ["stripe_invoice_id"], reason=f"linked to {invoice.stripe_id}")
     elif decision.outcome == matching.Decision.CONFLICT:
         logger.warning(
             "renewal %s is linked to %s; ignoring conflicting invoice %s",
@@ -87,34 +94,13 @@ def link_invoice_to_renewal(invoice: Invoice) -> Renewal | None:
 def relink_renewal_entitlements(sub: Subscription, processing: tuple[Renewal, datetime, str] | None = None) -> None:
     """Each processed renewal moves from the window before it to the paid window it starts.
 
-    "The window before it": the subscription's entitlement that starts last before the
-    renewal's date (the later-created on a tie); "the paid window it starts": the first paid
-    entitlement starting at that date. Only renewals whose links change are written.
-
     ``processing`` (renewal, processed_at, reason): that renewal is marked processed in the
-    same save as its links, so its history shows one change with the reason.
+    same write as its links, so its history shows one change, with the reason. One UPDATE
+    (``billing.sql.relink_renewal_entitlements`` says what it decides, and why it is SQL).
     """
-    windows = sorted(
-        Entitlement.objects.filter(stripe_subscription_id=sub.stripe_id).only("id", "kind", "starts_at"),
-        key=lambda e: (e.starts_at, e.pk),
-    )
-    renewing = Q(processed_at__isnull=False)
-    if processing is not None:
-        renewing |= Q(pk=processing[0].pk)
-    for renewal in Renewal.objects.filter(renewing, subscription=sub):
-        before = [e for e in windows if e.starts_at < renewal.effective_date]
-        starts = [e for e in windows if e.kind == Entitlement.Kind.PAID and e.starts_at == renewal.effective_date]
-        values = {
-            "from_entitlement_id": before[-1].pk if before else None,
-            "to_entitlement_id": starts[0].pk if starts else None,
-        }
-        reason = None
-        if processing is not None and renewal.pk == processing[0].pk:
-            values["processed_at"], reason = processing[1], processing[2]
-            processing[0].processed_at = processing[1]
-        changed = [name for name, value in values.items() if getattr(renewal, name) != value]
-        if changed:
-            for name in changed:
-                setattr(renewal, name, values[name])
-            renewal._change_reason = reason
-            renewal.save(update_fields=[*changed, "updated_at"])
+    if processing is None:
+        sql.relink_renewal_entitlements(sub)
+        return
+    renewal, processed_at, reason = processing
+    sql.relink_renewal_entitlements(sub, processing=(renewal.pk, processed_at, reason))
+    renewal.processed_at = processed_at

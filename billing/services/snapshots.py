@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from django.db import models
 
+from .. import sql
 from ..stripe_payloads import Event
 
 
@@ -26,11 +27,7 @@ def save_changed(row: models.Model, values: dict, *, reason: str, extra: tuple[s
     if changed:
         for name in changed:
             setattr(row, name, values[name])
-        row._change_reason = reason
-        update_fields = [*changed, *extra]
-        if hasattr(row, "updated_at"):  # auto_now: written only when named
-            update_fields.append("updated_at")
-        row.save(update_fields=update_fields)
+        sql.save_with_history(row, [*changed, *extra], reason=reason)
     return changed
 
 

@@ -15,6 +15,7 @@ from datetime import datetime
 from provisioning import services as provisioning
 from provisioning.models import Entitlement
 
+from .. import sql
 from ..models import Invoice, OwedEmail, Renewal, StripeEvent, Subscription
 from ..outbox import owe_email
 from ..stripe_payloads import Event, read_subscription
@@ -41,12 +42,11 @@ def mirror_subscription(event: Event) -> tuple[Subscription, bool]:
         "ended_at": snap.ended_at,
         "stripe_created": snap.created,
     }
-    sub = Subscription.objects.filter(stripe_id=snap.stripe_id).first()
+    sub = sql.subscription(snap.stripe_id)
     if sub is None:
         sub = Subscription(stripe_id=snap.stripe_id, account=account, **values)
         sub.last_event_created, sub.last_event_id = event.created, event.id
-        sub._change_reason = event.type
-        sub.save()
+        sql.create_with_history(sub, reason=event.type)
         _attach_waiting_invoices(sub)
         _apply_period_seats(sub, snap.current_period_start, snap.quantity, newest=True)
         sync_subscription(sub)

@@ -545,6 +545,95 @@ def refund_object(
     }
 
 
+# The evidence a merchant may submit against a dispute: none submitted yet.
+_DISPUTE_EVIDENCE_FIELDS = (
+    "access_activity_log billing_address cancellation_policy cancellation_policy_disclosure cancellation_rebuttal "
+    "customer_communication customer_email_address customer_name customer_purchase_ip customer_signature "
+    "duplicate_charge_documentation duplicate_charge_explanation duplicate_charge_id product_description receipt "
+    "refund_policy refund_policy_disclosure refund_refusal_explanation service_date service_documentation "
+    "shipping_address shipping_carrier shipping_date shipping_documentation shipping_tracking_number "
+    "uncategorized_file uncategorized_text"
+).split()
+
+
+def dispute_object(
+    *,
+    id: str,
+    charge: str,
+    payment_intent: str | None,
+    amount: int,
+    currency: str = "usd",
+    reason: str = "fraudulent",
+    status: str = "needs_response",
+    created: int,
+    evidence_due_by: int | None = None,
+    has_evidence: bool = False,
+    submission_count: int = 0,
+    funds_withdrawn: bool = False,
+    funds_reinstated: bool = False,
+    is_charge_refundable: bool = False,
+    livemode: bool = False,
+) -> dict:
+    """A dispute of a card charge (https://docs.stripe.com/api/disputes/object).
+
+    ``evidence_due_by`` defaults to a week after ``created``; Stripe sends 0 where the network
+    allows no response. The disputed amount is withdrawn from the balance (with the dispute fee)
+    when the dispute opens, and given back if it is won: ``balance_transactions`` lists them.
+    https://docs.stripe.com/disputes/how-disputes-work
+    """
+    movements = [(-amount, 1500, "dispute")] if funds_withdrawn else []
+    movements += [(amount, 0, "dispute_reversal")] if funds_reinstated else []
+    balance_transactions = [
+        {
+            "id": _derived("txn", f"{id}:{category}"),
+            "object": "balance_transaction",
+            "amount": value,
+            "available_on": created + 2 * 24 * 3600,
+            "balance_type": "payments",
+            "created": created,
+            "currency": currency,
+            "description": f"Chargeback for {charge}",
+            "exchange_rate": None,
+            "fee": fee,
+            "fee_details": [],
+            "net": value - fee,
+            "reporting_category": category,
+            "source": id,
+            "status": "pending",
+            "type": "adjustment",
+        }
+        for value, fee, category in movements
+    ]
+    return {
+        "id": id,
+        "object": "dispute",
+        "amount": amount,
+        "balance_transactions": balance_transactions,
+        "charge": charge,
+        "created": created,
+        "currency": currency,
+        "enhanced_eligibility_types": [],
+        "evidence": {**dict.fromkeys(_DISPUTE_EVIDENCE_FIELDS), "enhanced_evidence": {}},
+        "evidence_details": {
+            "due_by": created + 7 * 24 * 3600 if evidence_due_by is None else evidence_due_by,
+            "enhanced_eligibility": {},
+            "has_evidence": has_evidence,
+            "past_due": False,
+            "submission_count": submission_count,
+        },
+        "is_charge_refundable": is_charge_refundable,
+        "livemode": livemode,
+        "metadata": {},
+        "payment_intent": payment_intent,
+        "payment_method_details": {
+            "card": {"brand": "visa", "case_type": "chargeback", "network_reason_code": "10.4", "network": "visa"},
+            "type": "card",
+        },
+        "reason": reason,
+        "status": status,
+    }
+
+
 def checkout_session_object(
     *,
     id: str,

@@ -1,6 +1,7 @@
 """The admin support staff use: find rows by Stripe id or e-mail, read them, never hand-edit them.
 
-Rows are made directly with the ORM: these tests are about the admin, not about webhooks.
+Rows are made with the factories (``billing.tests.factories``): these tests are about the admin,
+not about webhooks.
 """
 import json
 from datetime import timedelta
@@ -12,9 +13,19 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from billing.models import Invoice, InvoiceLineItem, OwedEmail, Payment, Refund, Renewal, StripeEvent, Subscription
+from billing.models import Invoice, OwedEmail, Payment, Refund, Renewal, StripeEvent, Subscription
 from billing.money import format_amount
-from provisioning.models import Account
+from billing.tests.factories import (
+    InvoiceFactory,
+    InvoiceLineItemFactory,
+    OwedEmailFactory,
+    PaymentFactory,
+    RefundFactory,
+    RenewalFactory,
+    StripeEventFactory,
+    SubscriptionFactory,
+)
+from provisioning.tests.factories import AccountFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -22,45 +33,38 @@ NOW = timezone.now().replace(microsecond=0)
 
 
 @pytest.fixture
-def staff_client(client, django_user_model):
-    user = django_user_model.objects.create_superuser("support", "support@example.com", "x")
-    client.force_login(user)
+def staff_client(client):
+    client.force_login(UserFactory(superuser=True))
     return client
 
 
 def make_account(key, **fields):
-    return Account.objects.create(
+    return AccountFactory(
         name=f"Account {key}", stripe_customer_id=f"cus_{key}", billing_email=f"billing-{key}@example.com", **fields
     )
 
 
 def make_subscription(key, account=None, **fields):
-    return Subscription.objects.create(
-        stripe_id=f"sub_{key}", account=account or make_account(key), status="active", **fields
-    )
+    return SubscriptionFactory(stripe_id=f"sub_{key}", account=account or make_account(key), status="active", **fields)
 
 
 def make_invoice(key, subscription=None, **fields):
-    subscription = subscription or make_subscription(key)
+    """An invoice of ``subscription`` (its account and ``stripe_subscription_id`` follow it)."""
     defaults = {
         "number": f"NUM-{key}",
         "status": "paid",
         "currency": "usd",
         "total": 1234,
         "customer_email": f"payer-{key}@example.com",
-        "stripe_subscription_id": subscription.stripe_id,
     }
-    return Invoice.objects.create(
-        stripe_id=f"in_{key}", account=subscription.account, subscription=subscription, **{**defaults, **fields}
+    return InvoiceFactory(
+        stripe_id=f"in_{key}", subscription=subscription or make_subscription(key), **{**defaults, **fields}
     )
 
 
 def make_event(key, object_id="", livemode=False, type="invoice.paid", **fields):
-    payload = {"id": f"evt_{key}", "object": "event", "type": type, "data": {"object": {"id": object_id}}}
-    return StripeEvent.objects.create(
-        id=f"evt_{key}", type=type, created=NOW, object_id=object_id, livemode=livemode, payload=payload,
-        **fields,
-    )
+    """An inbox row about ``object_id``; its payload (an event envelope) agrees with its columns."""
+    return StripeEventFactory(id=f"evt_{key}", type=type, object_id=object_id, livemode=livemode, **fields)
 
 
 def changelist(model):
@@ -119,9 +123,7 @@ def test_subscription_list_search_and_page(staff_client):
 def test_invoice_list_search_and_page_shows_money_and_lines(staff_client):
     wanted = make_invoice("wanted", total=120000, amount_due=120000, currency="jpy")
     other = make_invoice("other")
-    InvoiceLineItem.objects.create(
-        invoice=wanted, stripe_id="il_1", description="5 seats", currency="jpy", amount=120000
-    )
+    InvoiceLineItemFactory(invoice=wanted, description="5 seats", currency="jpy", amount=120000)
 
     response = staff_client.get(changelist(Invoice))
     assert listed(response) == {wanted, other}
@@ -137,10 +139,8 @@ def test_invoice_list_search_and_page_shows_money_and_lines(staff_client):
 
 
 def test_renewal_list_filters_search_and_page(staff_client):
-    processed = Renewal.objects.create(
-        subscription=make_subscription("a"), effective_date=NOW, stripe_invoice_id="in_a", processed_at=NOW
-    )
-    planned = Renewal.objects.create(subscription=make_subscription("b"), effective_date=NOW)
+    processed = RenewalFactory(subscription=make_subscription("a"), stripe_invoice_id="in_a", processed_at=NOW)
+    planned = RenewalFactory(subscription=make_subscription("b"), stripe_invoice_id=None, processed_at=None)
     make_invoice("a", subscription=processed.subscription)
 
     assert listed(staff_client.get(changelist(Renewal))) == {processed, planned}
@@ -157,10 +157,10 @@ def test_renewal_list_filters_search_and_page(staff_client):
 
 
 def test_payment_and_refund_lists_search_and_pages(staff_client):
-    payment = Payment.objects.create(payment_intent_id="pi_wanted", charge_id="ch_wanted", currency="usd")
-    Payment.objects.create(payment_intent_id="pi_other")
-    refund = Refund.objects.create(stripe_id="re_wanted", payment_intent_id="pi_wanted", amount=500, currency="usd")
-    Refund.objects.create(stripe_id="re_other", amount=1, currency="usd")
+    payment = PaymentFactory(payment_intent_id="pi_wanted", charge_id="ch_wanted")
+    PaymentFactory()
+    refund = RefundFactory(stripe_id="re_wanted", payment_intent_id="pi_wanted", amount=500, currency="usd")
+    RefundFactory()
 
     assert listed(staff_client.get(changelist(Payment), {"q": "ch_wanted"})) == {payment}
     assert listed(staff_client.get(changelist(Refund), {"q": "re_wanted"})) == {refund}
@@ -171,10 +171,8 @@ def test_payment_and_refund_lists_search_and_pages(staff_client):
 
 def test_owed_email_list_filters_search_and_page(staff_client):
     invoice = make_invoice("wanted")
-    receipt = OwedEmail.objects.create(
-        key="receipt:in_wanted", kind="receipt", account=invoice.account, invoice=invoice
-    )
-    other = OwedEmail.objects.create(key="trial:sub_x", kind="trial_will_end", account=make_account("x"), status="sent")
+    receipt = OwedEmailFactory(kind="receipt", invoice=invoice)
+    other = OwedEmailFactory(kind="trial_will_end", subscription=make_subscription("x"), status="sent")
 
     assert listed(staff_client.get(changelist(OwedEmail))) == {receipt, other}
     assert listed(staff_client.get(changelist(OwedEmail), {"kind__exact": "receipt"})) == {receipt}
@@ -263,11 +261,11 @@ def test_inbox_forbids_add_change_and_delete(staff_client):
     assert b'value="delete_selected"' not in staff_client.get(changelist(StripeEvent)).content
 
 
-def test_reprocess_action_is_offered_only_to_staff_who_may_change_events(staff_client, client, django_user_model):
+def test_reprocess_action_is_offered_only_to_staff_who_may_change_events(staff_client, client):
     make_event("act")
     assert b'value="reprocess"' in staff_client.get(changelist(StripeEvent)).content
 
-    viewer = django_user_model.objects.create_user("viewer", is_staff=True)
+    viewer = UserFactory(staff=True)
     viewer.user_permissions.add(Permission.objects.get(codename="view_stripeevent"))
     client.force_login(viewer)
     response = client.get(changelist(StripeEvent))

@@ -2,13 +2,13 @@
 from datetime import timedelta
 
 import pytest
-from django.contrib.auth import get_user_model
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from billing.models import Invoice, Subscription
-from provisioning.models import Account, Entitlement, Membership
+from billing.models import Subscription
+from billing.tests.factories import InvoiceFactory, SubscriptionFactory
+from provisioning.tests.factories import AccountFactory, EntitlementFactory, MembershipFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -16,20 +16,16 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def world():
     now = timezone.now()
-    mine = Account.objects.create(name="Mine", stripe_customer_id="cus_mine")
-    theirs = Account.objects.create(name="Theirs", stripe_customer_id="cus_theirs")
-    sub = Subscription.objects.create(stripe_id="sub_mine", account=mine, status="active", quantity=4,
-                                      current_period_start=now - timedelta(days=3), current_period_end=now + timedelta(days=27))
-    Entitlement.objects.create(account=mine, kind="paid", seats=4, starts_at=now - timedelta(days=3),
-                               expires_at=now + timedelta(days=27), stripe_subscription_id="sub_mine")
+    mine = AccountFactory(name="Mine")
+    theirs = AccountFactory(name="Theirs")
+    sub = SubscriptionFactory(stripe_id="sub_mine", account=mine, status="active", quantity=4,
+                              current_period_start=now - timedelta(days=3), current_period_end=now + timedelta(days=27))
+    EntitlementFactory(account=mine, kind="paid", seats=4, starts_at=now - timedelta(days=3),
+                       expires_at=now + timedelta(days=27), stripe_subscription_id="sub_mine")
     for i, account in enumerate([mine, mine, theirs]):
-        Invoice.objects.create(stripe_id=f"in_{i}", account=account, status="paid", currency="usd", total=1000 * (i + 1),
-                               number=f"N-{i}", stripe_created=now - timedelta(days=10 - i))
-    users = {}
-    for role in ("owner", "admin", "member"):
-        user = get_user_model().objects.create_user(f"{role}@example.com", f"{role}@example.com", "pw")
-        Membership.objects.create(user=user, account=mine, role=role)
-        users[role] = user
+        InvoiceFactory(stripe_id=f"in_{i}", account=account, status="paid", currency="usd", total=1000 * (i + 1),
+                       stripe_created=now - timedelta(days=10 - i))
+    users = {role: MembershipFactory(account=mine, role=role).user for role in ("owner", "admin", "member")}
     return {"mine": mine, "theirs": theirs, "sub": sub, **users}
 
 
@@ -67,7 +63,7 @@ def test_token_authentication(world):
 
 
 def test_a_user_of_several_accounts_names_one(world):
-    Membership.objects.create(user=world["owner"], account=world["theirs"], role="owner")
+    MembershipFactory(user=world["owner"], account=world["theirs"], role="owner")
     client = as_user(world["owner"])
     assert client.get("/api/billing/invoices/").status_code == 400
     response = client.get(f"/api/billing/invoices/?account={world['theirs'].pk}")

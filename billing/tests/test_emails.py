@@ -1,18 +1,20 @@
 """What the owed e-mails say and whom they go to (``billing.emails``).
 
-Rows are made directly with the ORM: these tests are about the messages, not about webhooks
-(``test_tasks`` covers how they are owed and sent). The helpers here are shared with it.
+Rows are made with the factories (``billing.tests.factories``): these tests are about the
+messages, not about webhooks (``test_tasks`` covers how they are owed and sent). The helpers here,
+which state the fields a message depends on, are shared with it.
 """
 from datetime import datetime, timezone
 
 import pytest
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.utils import timezone as django_timezone
 
 from billing.emails import NoRecipient, build_message, recipients
 from billing.models import Invoice, OwedEmail, Subscription
+from billing.tests.factories import InvoiceFactory, OwedEmailFactory, SubscriptionFactory
 from provisioning.models import Account, Membership
+from provisioning.tests.factories import AccountFactory, MembershipFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -22,7 +24,7 @@ PAID_AT = datetime(2026, 3, 1, 0, 5, tzinfo=timezone.utc)
 
 
 def make_account(key: str = "acme", **fields) -> Account:
-    return Account.objects.create(name=fields.pop("name", f"Account {key}"), stripe_customer_id=f"cus_{key}", **fields)
+    return AccountFactory(name=fields.pop("name", f"Account {key}"), stripe_customer_id=f"cus_{key}", **fields)
 
 
 def make_invoice(account: Account, key: str = "0001", **fields) -> Invoice:
@@ -41,7 +43,7 @@ def make_invoice(account: Account, key: str = "0001", **fields) -> Invoice:
         "paid_at": PAID_AT,
         **fields,
     }
-    return Invoice.objects.create(stripe_id=f"in_{key}", account=account, **values)
+    return InvoiceFactory(stripe_id=f"in_{key}", account=account, **values)
 
 
 def make_trialing_subscription(account: Account, key: str = "trial", **fields) -> Subscription:
@@ -50,15 +52,12 @@ def make_trialing_subscription(account: Account, key: str = "trial", **fields) -
         "quantity": 3,
         "trial_end": datetime(2026, 3, 5, tzinfo=timezone.utc),
     }
-    return Subscription.objects.create(stripe_id=f"sub_{key}", account=account, **{**values, **fields})
+    return SubscriptionFactory(stripe_id=f"sub_{key}", account=account, **{**values, **fields})
 
 
 def owed(kind: str, *, account: Account, invoice: Invoice | None = None, subscription: Subscription | None = None):
     """An owed e-mail row as ``owe_email`` records it, without its task."""
-    target = invoice.stripe_id if invoice else subscription.stripe_id
-    return OwedEmail.objects.create(
-        key=f"{kind}:{target}", kind=kind, account=account, invoice=invoice, subscription=subscription
-    )
+    return OwedEmailFactory(kind=kind, account=account, invoice=invoice, subscription=subscription)
 
 
 def html_of(message) -> str:
@@ -152,7 +151,6 @@ def test_html_is_escaped_and_text_is_not():
 
 
 def test_recipient_is_the_invoice_email_then_the_billing_email_then_owners_and_admins():
-    User = get_user_model()
     account = make_account(billing_email="billing@acme.example")
     for name, role, active in [
         ("zoe", Membership.Role.OWNER, True),
@@ -160,9 +158,8 @@ def test_recipient_is_the_invoice_email_then_the_billing_email_then_owners_and_a
         ("mia", Membership.Role.MEMBER, True),
         ("old", Membership.Role.OWNER, False),
     ]:
-        user = User.objects.create_user(name, f"{name}@acme.example", is_active=active)
-        Membership.objects.create(user=user, account=account, role=role)
-    Membership.objects.create(user=User.objects.create_user("noemail", ""), account=account, role=Membership.Role.OWNER)
+        MembershipFactory(account=account, role=role, user__email=f"{name}@acme.example", user__is_active=active)
+    MembershipFactory(account=account, role=Membership.Role.OWNER, user__email="")
     invoice = make_invoice(account)
     row = owed(OwedEmail.Kind.RECEIPT, account=account, invoice=invoice)
 

@@ -19,6 +19,7 @@ from billing.simulation.objects import (
     setup_intent_object,
 )
 from billing.tests.conftest import T0
+from billing.tests.factories import PaymentFactory, RefundFactory
 from billing.tests.stripe_server import FakeStripe
 from provisioning.models import Account
 
@@ -137,7 +138,7 @@ def test_a_new_payment_whose_refund_is_already_known_counts_it(post_event):
     """A refund row of the PaymentIntent that exists before its payment (written by an older
     version, or by hand) is counted when the payment arrives."""
     assert post_event(paid_invoice()).status_code == 200
-    Refund.objects.create(stripe_id="re_early", payment_intent_id=PI, amount=700, currency="usd", status="succeeded")
+    RefundFactory(payment_intent_id=PI, amount=700, currency="usd", status="succeeded")
 
     assert post_event(invoice_paid_by_intent()).status_code == 200
     assert Invoice.objects.get(stripe_id=INV).amount_refunded == 700
@@ -150,8 +151,8 @@ def test_any_later_event_of_the_invoice_attaches_a_payment_left_waiting(post_eve
     assert post_event(paid_invoice()).status_code == 200
     invoice = Invoice.objects.get(stripe_id=INV)
     # What such a race leaves: the payment names the invoice but is not attached to it.
-    Payment.objects.create(payment_intent_id=PI, stripe_invoice_id=INV, charge_id=CH, currency="usd")
-    Refund.objects.create(stripe_id="re_late", payment_intent_id=PI, amount=900, currency="usd", status="succeeded")
+    PaymentFactory(payment_intent_id=PI, invoice=None, stripe_invoice_id=INV, charge_id=CH, currency="usd")
+    RefundFactory(payment_intent_id=PI, amount=900, currency="usd", status="succeeded")
 
     line = invoice_line_object(id="il_ref", invoice=INV, amount=9000, period_start=T0, period_end=T0)
     stale = invoice_object(id=INV, customer=CUS, status="draft", billing_reason="manual", lines=[line], created=T0)

@@ -32,6 +32,7 @@ from billing.tasks import (
     send_owed_emails,
     sweep_owed_emails,
 )
+from billing.tests.factories import OwedEmailFactory
 from billing.tests.test_emails import make_account, make_invoice
 from config.celery import app as celery_app
 
@@ -145,7 +146,7 @@ def test_an_email_owed_by_a_rolled_back_change_is_never_sent(mailoutbox):
 @pytest.mark.django_db(transaction=True)
 def test_a_run_that_finds_the_email_locked_by_another_leaves_it_alone(mailoutbox):
     invoice = make_invoice(make_account())
-    owed = OwedEmail.objects.create(key="receipt:in_0001", kind=RECEIPT, account=invoice.account, invoice=invoice)
+    owed = OwedEmailFactory(kind=RECEIPT, invoice=invoice)
     locked, release = threading.Event(), threading.Event()
 
     def another_run_holds_the_row():
@@ -212,7 +213,7 @@ def test_three_deliveries_of_invoice_paid_send_one_receipt(post_event, mailoutbo
 def test_an_email_whose_task_was_lost_is_delivered_by_the_sweep(mailoutbox):
     invoice = make_invoice(make_account())
     # Committed, but its task never ran (broker down, process killed after the commit).
-    owed = OwedEmail.objects.create(key="receipt:in_0001", kind=RECEIPT, account=invoice.account, invoice=invoice)
+    owed = OwedEmailFactory(kind=RECEIPT, invoice=invoice)
 
     assert sweep_owed_emails() == 0  # too fresh: its on-commit task normally wins
     age(owed, settings.BILLING_OUTBOX_SWEEP_AFTER + timedelta(seconds=1))
@@ -250,7 +251,7 @@ def test_a_mail_error_is_recorded_and_the_sweep_delivers_later(flaky_mail, mailo
 def test_an_email_that_keeps_failing_is_given_up_after_the_maximum(flaky_mail, mailoutbox):
     flaky_mail(10 * MAX_ATTEMPTS)
     invoice = make_invoice(make_account())
-    owed = OwedEmail.objects.create(key="receipt:in_0001", kind=RECEIPT, account=invoice.account, invoice=invoice)
+    owed = OwedEmailFactory(kind=RECEIPT, invoice=invoice)
     age(owed, timedelta(days=1))  # every backoff has elapsed
 
     for attempt in range(1, MAX_ATTEMPTS):
@@ -270,7 +271,7 @@ def test_an_email_that_keeps_failing_is_given_up_after_the_maximum(flaky_mail, m
 def test_an_email_nobody_can_receive_fails_at_once(mailoutbox):
     account = make_account()  # no billing e-mail, no owner or admin
     invoice = make_invoice(account, customer_email="")
-    owed = OwedEmail.objects.create(key="receipt:in_0001", kind=RECEIPT, account=account, invoice=invoice)
+    owed = OwedEmailFactory(kind=RECEIPT, invoice=invoice)
 
     assert deliver(owed.pk).outcome == Outcome.FAILED
 
@@ -287,9 +288,7 @@ def test_the_sweep_backs_off_exponentially_up_to_ten_minutes():
         timedelta(minutes=m) for m in (1, 2, 4, 8, 10, 10, 10)
     ]
     invoice = make_invoice(make_account())
-    owed = OwedEmail.objects.create(
-        key="receipt:in_0001", kind=RECEIPT, account=invoice.account, invoice=invoice, attempts=2
-    )
+    owed = OwedEmailFactory(kind=RECEIPT, invoice=invoice, attempts=2)
     due_at = owed.created_at + settings.BILLING_OUTBOX_SWEEP_AFTER + timedelta(minutes=1 + 2)
 
     assert not due_for_sweep(now=due_at - timedelta(seconds=1)).exists()
@@ -386,7 +385,7 @@ def test_a_worker_on_redis_sends_the_receipt(redis_worker, mailoutbox):
 @pytest.mark.django_db(transaction=True)
 def test_with_a_broker_the_sweep_enqueues_what_is_owed(redis_worker, mailoutbox):
     invoice = make_invoice(make_account())
-    owed = OwedEmail.objects.create(key="receipt:in_0001", kind=RECEIPT, account=invoice.account, invoice=invoice)
+    owed = OwedEmailFactory(kind=RECEIPT, invoice=invoice)
     age(owed, timedelta(minutes=5))
     runs_before = runs_of(send_owed_email)
 

@@ -25,6 +25,7 @@ from billing.simulation.objects import (
     refund_object,
 )
 from provisioning.models import Account, Entitlement
+from provisioning.tests.factories import AccountFactory
 
 from .conftest import (
     DAY,
@@ -118,7 +119,7 @@ def test_concurrent_deliveries_of_one_event_are_applied_once(webhook_url):
 
 def test_concurrent_deliveries_of_an_event_that_owes_an_email_send_it_once(webhook_url):
     # The customer's account exists already (its checkout linked it) and has a billing e-mail.
-    Account.objects.create(name="Raced Ltd", stripe_customer_id="cus_race_mail", billing_email="owner@raced.example")
+    AccountFactory(stripe_customer_id="cus_race_mail", billing_email="owner@raced.example")
     reminder = trial_will_end_event("sub_race_mail", "cus_race_mail")
 
     answers = post_all_at_once(webhook_url, [reminder] * DELIVERIES)
@@ -352,7 +353,7 @@ def test_an_invoice_that_waited_for_the_lock_finds_the_subscription_mirrored_mea
     ``customer.subscription.created``, then ``invoice.created``, queue up behind it.
     """
     sub_id, customer = "sub_race_inv", "cus_race_inv"
-    Account.objects.create(name="Race Ltd", stripe_customer_id=customer)
+    AccountFactory(stripe_customer_id=customer)
     created = subscription_event(
         "customer.subscription.created", trial_subscription(sub_id, customer), created=T0, event_id="evt_ri_sub"
     )
@@ -384,7 +385,7 @@ def test_an_invoice_and_its_payment_arriving_together_end_attached(webhook_url, 
     from billing.services.locks import invoice_lock_key
 
     customer, invoice_id, intent = "cus_race_key", "in_race_key", "pi_race_key"
-    Account.objects.create(name="Race Key Ltd", stripe_customer_id=customer)
+    AccountFactory(stripe_customer_id=customer)
     refund = event_object(
         type="refund.created", created=T0 + 50,
         obj=refund_object(id="re_race_key", charge="ch_race_key", payment_intent=intent, amount=1200, created=T0 + 50),

@@ -13,9 +13,9 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
+from billing.models import StripeEvent
+from billing.tests.factories import SubscriptionFactory
 from billing.webhook import registry
-from billing.models import StripeEvent, Subscription
-from provisioning.models import Account
 
 from .conftest import (
     DAY,
@@ -74,8 +74,9 @@ def signature_over_bytes(body: bytes, secret: str = SECRET) -> str:
 
 @pytest.fixture
 def existing_subscription(db):
-    account = Account.objects.create(name="Existing customer", stripe_customer_id="cus_security")
-    return Subscription.objects.create(stripe_id="sub_security", account=account, status="active", quantity=1)
+    return SubscriptionFactory(
+        stripe_id="sub_security", account__stripe_customer_id="cus_security", status="active", quantity=1
+    )
 
 
 @pytest.fixture

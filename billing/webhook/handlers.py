@@ -9,8 +9,7 @@ https://docs.stripe.com/api/events/types
 from ..services.accounts import link_checkout_to_account, record_payment_method
 from ..services.disputes import mirror_dispute
 from ..services.invoices import mirror_invoice, owe_payment_failed_email, settle_paid_invoice
-from ..services.payments import attach_waiting_payments, record_charge_refund, record_invoice_payment, record_refund
-from ..services.renewals import link_invoice_to_renewal
+from ..services.payments import record_charge_refund, record_invoice_payment, record_refund
 from ..services.subscriptions import mirror_subscription, owe_trial_will_end_email
 from ..stripe_payloads import Event, read_invoice
 from .registry import handles
@@ -46,30 +45,26 @@ def on_trial_will_end(event: Event) -> None:
     "invoice.marked_uncollectible",
 )
 def on_invoice_changed(event: Event) -> None:
-    """Mirror the invoice and link it to the renewal it pays for.
+    """Mirror the invoice, link it to the renewal it pays for, attach payments that waited for it.
 
     ``invoice.created`` must be answered fast: Stripe holds finalization until it gets a 2xx.
     https://docs.stripe.com/billing/subscriptions/webhooks#understand
     """
-    invoice, applied = mirror_invoice(event)
-    if applied:
-        link_invoice_to_renewal(invoice)
-    attach_waiting_payments(invoice)  # even a stale snapshot's event attaches a payment that waits
+    mirror_invoice(event)
 
 
 @handles("invoice.paid")
 def on_invoice_paid(event: Event) -> None:
     """Mark paid; process its renewal exactly once; owe the receipt exactly once."""
-    invoice, _ = mirror_invoice(event)
-    attach_waiting_payments(invoice)
-    settle_paid_invoice(invoice)
+    mirrored = mirror_invoice(event)
+    settle_paid_invoice(mirrored.invoice, mirrored.renewal)
 
 
 @handles("invoice.payment_failed")
 def on_invoice_payment_failed(event: Event) -> None:
     """Mirror the invoice and owe the billing-error e-mail (once per payment attempt)."""
-    invoice, _ = mirror_invoice(event)
-    owe_payment_failed_email(invoice, read_invoice(event.obj).attempt_count)
+    mirrored = mirror_invoice(event)
+    owe_payment_failed_email(mirrored.invoice, read_invoice(event.obj).attempt_count)
 
 
 @handles("invoice_payment.paid")

@@ -16,8 +16,8 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from . import inbox
 from ..stripe_payloads import envelope_problem
+from . import inbox
 
 logger = logging.getLogger(__name__)
 

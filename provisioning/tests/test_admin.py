@@ -7,8 +7,10 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from billing.models import Invoice, Subscription
+from billing.models import Subscription
+from billing.tests.factories import InvoiceFactory, SubscriptionFactory
 from provisioning.models import Account, Entitlement, Membership
+from provisioning.tests.factories import AccountFactory, EntitlementFactory, MembershipFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -16,25 +18,24 @@ NOW = timezone.now().replace(microsecond=0)
 
 
 @pytest.fixture
-def staff_client(client, django_user_model):
-    user = django_user_model.objects.create_superuser("support", "support@example.com", "x")
-    client.force_login(user)
+def staff_client(client):
+    client.force_login(UserFactory(superuser=True))
     return client
 
 
-def make_customer(key, django_user_model, seats=3):
+def make_customer(key, seats=3):
     """An account with a member, a subscription, an invoice and a paid entitlement in force."""
-    account = Account.objects.create(
+    account = AccountFactory(
         name=f"Org {key}", stripe_customer_id=f"cus_{key}", billing_email=f"billing-{key}@example.com"
     )
-    user = django_user_model.objects.create_user(f"user-{key}", email=f"member-{key}@example.com")
-    Membership.objects.create(user=user, account=account, role="owner")
-    subscription = Subscription.objects.create(stripe_id=f"sub_{key}", account=account, status="active", quantity=seats)
-    Invoice.objects.create(
-        stripe_id=f"in_{key}", account=account, subscription=subscription, number=f"NUM-{key}", status="paid",
-        currency="usd",
+    MembershipFactory(
+        account=account, role="owner", user__username=f"user-{key}", user__email=f"member-{key}@example.com"
     )
-    Entitlement.objects.create(
+    subscription = SubscriptionFactory(stripe_id=f"sub_{key}", account=account, status="active", quantity=seats)
+    InvoiceFactory(
+        stripe_id=f"in_{key}", subscription=subscription, number=f"NUM-{key}", status="paid", currency="usd"
+    )
+    EntitlementFactory(
         account=account,
         kind="paid",
         seats=seats,
@@ -59,14 +60,14 @@ def listed(response):
     return list(response.context["cl"].result_list)
 
 
-def test_account_list_shows_current_entitlement(staff_client, django_user_model):
-    account = make_customer("list", django_user_model, seats=7)
+def test_account_list_shows_current_entitlement(staff_client):
+    account = make_customer("list", seats=7)
     # A trial overlapping the paid window: the SaaS's rule says paid wins.
-    Entitlement.objects.create(
+    EntitlementFactory(
         account=account, kind="trial", seats=1, starts_at=NOW - timedelta(days=2), expires_at=NOW + timedelta(days=60),
         stripe_subscription_id="sub_list",
     )
-    Account.objects.create(name="Nothing yet")
+    AccountFactory(name="Nothing yet", stripe_customer_id=None)
 
     response = staff_client.get(changelist(Account))
     assert len(listed(response)) == 2
@@ -85,16 +86,16 @@ def test_account_list_shows_current_entitlement(staff_client, django_user_model)
         "NUM-wanted",
     ],
 )
-def test_account_search_by_any_email_or_stripe_id(staff_client, django_user_model, term):
-    wanted = make_customer("wanted", django_user_model)
-    make_customer("other", django_user_model)
-    Invoice.objects.create(stripe_id="in_second", account=wanted, number="NUM-wanted-2", status="open", currency="usd")
+def test_account_search_by_any_email_or_stripe_id(staff_client, term):
+    wanted = make_customer("wanted")
+    make_customer("other")
+    InvoiceFactory(stripe_id="in_second", account=wanted, number="NUM-wanted-2", status="open", currency="usd")
 
     assert listed(staff_client.get(changelist(Account), {"q": term})) == [wanted]  # once, even with two invoices
 
 
-def test_account_page_shows_members_entitlements_and_subscriptions(staff_client, django_user_model):
-    account = make_customer("page", django_user_model)
+def test_account_page_shows_members_entitlements_and_subscriptions(staff_client):
+    account = make_customer("page")
     page = staff_client.get(change_page(account))
     assert page.status_code == 200
     content = page.content.decode()
@@ -106,8 +107,8 @@ def test_account_page_shows_members_entitlements_and_subscriptions(staff_client,
     assert "paid, 3 seat(s), until" in content
 
 
-def test_support_edits_name_but_not_the_stripe_customer(staff_client, django_user_model):
-    account = make_customer("edit", django_user_model)
+def test_support_edits_name_but_not_the_stripe_customer(staff_client):
+    account = make_customer("edit")
     page = staff_client.get(change_page(account))
     data = {"name": "Renamed", "billing_email": "ap@example.com", "stripe_customer_id": "cus_forged"}
     for inline in page.context["inline_admin_formsets"]:
@@ -134,9 +135,9 @@ def test_support_adds_an_account_that_checkout_will_link(staff_client):
     assert Account.objects.get(name="Newco").stripe_customer_id is None
 
 
-def test_membership_list_filter_search_and_page(staff_client, django_user_model):
-    make_customer("m1", django_user_model)
-    other = make_customer("m2", django_user_model).memberships.get()
+def test_membership_list_filter_search_and_page(staff_client):
+    make_customer("m1")
+    other = make_customer("m2").memberships.get()
     other.role = "member"
     other.save()
     owner = Membership.objects.get(account__name="Org m1")
@@ -147,10 +148,10 @@ def test_membership_list_filter_search_and_page(staff_client, django_user_model)
     assert staff_client.get(reverse("admin:provisioning_membership_add")).status_code == 200
 
 
-def test_entitlement_list_filter_search_and_read_only_page(staff_client, django_user_model):
-    paid = make_customer("e1", django_user_model).entitlements.get()
-    make_customer("e2", django_user_model)
-    trial = Entitlement.objects.create(
+def test_entitlement_list_filter_search_and_read_only_page(staff_client):
+    paid = make_customer("e1").entitlements.get()
+    make_customer("e2")
+    trial = EntitlementFactory(
         account=paid.account, kind="trial", starts_at=NOW - timedelta(days=40), expires_at=NOW - timedelta(days=30),
         stripe_subscription_id="sub_e1",
     )
@@ -166,14 +167,14 @@ def test_entitlement_list_filter_search_and_read_only_page(staff_client, django_
     assert page.status_code == 200 and b'name="_save"' not in page.content
 
 
-def test_account_changelist_queries_do_not_grow_with_rows(staff_client, django_user_model):
+def test_account_changelist_queries_do_not_grow_with_rows(staff_client):
     for i in range(3):
-        make_customer(f"q{i}", django_user_model)
+        make_customer(f"q{i}")
     staff_client.get(changelist(Account))  # warm per-process caches
     with CaptureQueriesContext(connection) as few:
         assert len(listed(staff_client.get(changelist(Account)))) == 3
     for i in range(3, 30):
-        make_customer(f"q{i}", django_user_model)
+        make_customer(f"q{i}")
     with CaptureQueriesContext(connection) as many:
         assert len(listed(staff_client.get(changelist(Account)))) == 30
     assert len(many) == len(few), [q["sql"] for q in many.captured_queries]

@@ -29,6 +29,7 @@ from billing.tests.conftest import (
     trial_subscription,
 )
 from provisioning.models import Account, Entitlement
+from provisioning.tests.factories import AccountFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -279,7 +280,7 @@ def test_in_order_subscription_story_ends_in_the_expected_rows(post):
 
 
 def test_in_order_full_story_ends_in_the_expected_rows(post):
-    account = Account.objects.create(name="Story Ltd")
+    account = AccountFactory(name="Story Ltd", stripe_customer_id=None)
 
     deliver_like_stripe(post, full_story(account.pk))
 
@@ -339,7 +340,7 @@ def test_full_story_in_any_order_ends_like_in_order_delivery(post, order, duplic
     checkout that merges or links the account: still the in-order rows, one account."""
 
     def story_for_a_new_account():
-        return full_story(Account.objects.create(name="Story Ltd").pk)
+        return full_story(AccountFactory(name="Story Ltd", stripe_customer_id=None).pk)
 
     expected = in_order_outcome("full story", lambda: outcome_of(post, story_for_a_new_account))
     actual = outcome_of(post, lambda: with_duplicates(story_for_a_new_account(), order, duplicates))
@@ -442,7 +443,7 @@ def checkout_completed(account_pk: int) -> dict:
 
 
 def test_checkout_after_the_subscription_merges_the_placeholder_account_into_the_named_one(post):
-    named = Account.objects.create(name="Named By The SaaS")
+    named = AccountFactory(name="Named By The SaaS", stripe_customer_id=None)
     story = full_story(named.pk)
     for event in story[:4]:  # subscription and its trial invoice: a placeholder account is made
         assert post(event).status_code == 200
@@ -466,7 +467,7 @@ def test_checkout_after_the_subscription_merges_the_placeholder_account_into_the
 
 
 def test_checkout_before_the_subscription_links_the_named_account_directly(post):
-    named = Account.objects.create(name="Named By The SaaS")
+    named = AccountFactory(name="Named By The SaaS", stripe_customer_id=None)
 
     assert post(checkout_completed(named.pk)).status_code == 200
     named.refresh_from_db()
@@ -482,11 +483,11 @@ def test_checkout_before_the_subscription_links_the_named_account_directly(post)
 
 def test_checkout_before_and_after_end_in_the_same_rows(post):
     def checkout_first():
-        named = Account.objects.create(name="Named By The SaaS")
+        named = AccountFactory(name="Named By The SaaS", stripe_customer_id=None)
         return [checkout_completed(named.pk), *full_story(named.pk)[:4]]
 
     def checkout_last():
-        named = Account.objects.create(name="Named By The SaaS")
+        named = AccountFactory(name="Named By The SaaS", stripe_customer_id=None)
         return [*full_story(named.pk)[:4], checkout_completed(named.pk)]
 
     assert outcome_of(post, checkout_first) == outcome_of(post, checkout_last)
