@@ -219,8 +219,13 @@ def create_with_history(obj: models.Model, *, reason: str | None, unless_exists:
     return bool(create_many_with_history([obj], reason=reason, unless_exists=unless_exists))
 
 
-def create_many_with_history(objs: Sequence[models.Model], *, reason: str | None, unless_exists: Sequence[str] = ()) -> list:
-    """``create_with_history`` of several new rows of one model, in one statement: those created."""
+def create_many_with_history(
+    objs: Sequence[models.Model], *, reason: str | None, unless_exists: Sequence[str] = (), where: tuple | None = None
+) -> list:
+    """``create_with_history`` of several new rows of one model, in one statement: those created.
+
+    ``where`` (SQL, parameters; one row only): the row is inserted only if it holds.
+    """
     if not objs:
         return []
     meta = objs[0]._meta
@@ -231,9 +236,12 @@ def create_many_with_history(objs: Sequence[models.Model], *, reason: str | None
     conflict = ""
     if unless_exists:
         conflict = f" ON CONFLICT ({', '.join(_qn(meta.get_field(n).column) for n in unless_exists)}) DO NOTHING"
+    values = f"VALUES {', '.join([row] * len(objs))}"
+    if where is not None:
+        values, params = f"SELECT {row[1:-1]} WHERE {where[0]}", [*params, *where[1]]
     pks = _write_with_history(
         type(objs[0]),
-        f"INSERT INTO {_qn(meta.db_table)} ({columns}) VALUES {', '.join([row] * len(objs))}{conflict}",
+        f"INSERT INTO {_qn(meta.db_table)} ({columns}) {values}{conflict}",
         params,
         "+",
         reason,
@@ -243,6 +251,29 @@ def create_many_with_history(objs: Sequence[models.Model], *, reason: str | None
     for obj, pk in zip(objs, pks, strict=True):
         obj.pk, obj._state.adding, obj._state.db = pk, False, connection.alias
     return list(objs)
+
+
+def plan_renewal(renewal) -> bool:
+    """Insert a new renewal and its history row, unless its subscription already has a renewal on
+    the same UTC day or an invoice of that day waits, unlinked, for one: True if inserted.
+
+    One statement for the common case of planning the next period (nothing on that day yet);
+    the ORM's way is two reads before the INSERT (decision 0005). When it steps aside, the
+    caller takes the full way, which picks the renewal of that day or links the waiting invoice.
+    """
+    from .matching import utc_day
+    from .models import Invoice, Renewal
+
+    start, end = (_value(t) for t in utc_day(renewal.effective_date))
+    renewals, invoices = _qn(Renewal._meta.db_table), _qn(Invoice._meta.db_table)
+    same_day = f"SELECT 1 FROM {renewals} r WHERE r.subscription_id = %s AND r.effective_date >= %s AND r.effective_date < %s"
+    waiting = (
+        f"SELECT 1 FROM {invoices} i WHERE i.subscription_id = %s AND i.period_start >= %s AND i.period_start < %s"
+        f" AND NOT EXISTS (SELECT 1 FROM {renewals} lr WHERE lr.stripe_invoice_id = i.stripe_id)"
+    )
+    day = [renewal.subscription_id, start, end]
+    where = (f"NOT EXISTS ({same_day}) AND NOT EXISTS ({waiting})", [*day, *day])
+    return bool(create_many_with_history([renewal], reason=None, unless_exists=("subscription", "effective_date"), where=where))
 
 
 def relink_renewal_entitlements(subscription, processing: tuple | None = None) -> None:
@@ -285,6 +316,7 @@ def relink_renewal_entitlements(subscription, processing: tuple | None = None) -
     )
 
 
+@cache
 def _qn(name: str) -> str:
     return connection.ops.quote_name(name)
 

@@ -59,13 +59,11 @@ def lock_payment(payment_intent_id: str, **defaults) -> Payment:
 def get_or_create_locked(model, unique: dict, defaults: dict, *, reason: str | None = None):
     """(row, created): the row of ``model`` with the ``unique`` values, locked; created if absent.
 
-    ``get_or_create`` on a locked queryset, without its savepoint: the INSERT skips a row that
-    exists (``ON CONFLICT DO NOTHING``, after waiting for a concurrent creator to commit), and
-    the row is then read under its lock.
+    ``get_or_create`` on a locked queryset, the other way round and without its savepoint: the
+    INSERT goes first (most payments and refunds are new when first written) and skips a row
+    that exists (``ON CONFLICT DO NOTHING``, after waiting for a concurrent creator to commit);
+    the existing row is then read under its lock.
     """
-    row = model.objects.select_for_update().filter(**unique).first()
-    if row is not None:
-        return row, False
     row = model(**unique, **defaults)
     if sql.create_with_history(row, reason=reason, unless_exists=list(unique)):
         return row, True

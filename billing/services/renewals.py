@@ -25,6 +25,9 @@ def ensure_renewal(sub: Subscription, effective_date: datetime) -> Renewal:
 
     A renewal created here is linked at once to an invoice of its date that arrived before it.
     """
+    planned = Renewal(subscription=sub, effective_date=effective_date)
+    if sql.plan_renewal(planned):  # nothing on that day yet: the common case, one statement
+        return planned
     start, end = matching.utc_day(effective_date)
     same_day = Renewal.objects.filter(subscription=sub, effective_date__gte=start, effective_date__lt=end)
     renewal = matching.pick_by_instant(((r.effective_date, r) for r in same_day), effective_date)
