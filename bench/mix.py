@@ -8,20 +8,22 @@ that no connection is left with a long lifecycle at the end while the others idl
 answers are counted, not retried (the pipeline answers 500 when a prerequisite is missing;
 with in-order lanes that should not happen).
 
-Goals (at 8 connections): at least 60% of the minimal baseline's rate, p99 below 50 ms, and
-``invoice.created`` (Stripe holds the invoice until it is answered) p99 below 25 ms.
+Goals (issue 19, at 8 connections): server + PostgreSQL CPU per request at most 2.5x the
+minimal baseline's, at least 50% of its rate, p99 below 50 ms. The earlier goal of
+``invoice.created`` p99 below 25 ms is withdrawn: with a closed loop of 8 connections the mean
+latency is 8 / rate whatever the handler does; every type's p99 is still reported.
 """
 from __future__ import annotations
 
 from bench.core import RESULTS, Context, goal, log, table
 from bench.server import serve
-from bench.targets import TARGETS, Batch, available_targets, compare, verdict
+from bench.targets import TARGETS, Batch, available_targets, compare, cpu_ratio, verdict
 
 FULL = {"customers": 200, "rounds": 3, "duration": 120.0}
 QUICK = {"customers": 25, "rounds": 1, "duration": 15.0}
 WARMUP_CUSTOMERS = 20
 SEED, WARMUP_SEED = 1000, 999
-RATE_GOAL, INVOICE_CREATED_P99_MS = 0.60, 25.0
+RATE_GOAL, CPU_GOAL = 0.50, 2.5
 
 
 def lifecycle_batch(generate, customers: int, seed: int, seen: set) -> Batch:
@@ -60,10 +62,9 @@ def run(ctx: Context) -> dict:
         result = compare(ctx, server, targets, warmup=warmup, rounds=rounds, duration=opts["duration"],
                          per_label=True)
     types = (result["targets"].get("pipeline") or {}).get("by_type", {})
-    created = types.get("invoice.created")
-    extra = [goal(f"pipeline invoice.created p99 < {INVOICE_CREATED_P99_MS:.0f} ms",
-                  None if created is None else created["p99_ms"] < INVOICE_CREATED_P99_MS,
-                  "unavailable" if created is None else f"{created['p99_ms']} ms")]
+    cpu = cpu_ratio(result["targets"], "pipeline", "minimal")
+    extra = [goal(f"pipeline CPU per request (server + PostgreSQL) <= {CPU_GOAL}x minimal's",
+                  None if cpu is None else cpu <= CPU_GOAL, "unavailable" if cpu is None else f"{cpu}x")]
     breakdown = "\n### Pipeline latency by event type (all rounds)\n\n" + table(
         ["event type", "requests", "p50 ms", "p90 ms", "p99 ms", "max ms", "failed"],
         [[name, t["requests"], t["p50_ms"], t["p90_ms"], t["p99_ms"], t["max_ms"],

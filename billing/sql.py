@@ -13,7 +13,7 @@ from datetime import datetime
 from functools import cache
 from typing import NamedTuple
 
-from django.db import connection, models
+from django.db import DEFAULT_DB_ALIAS, connection, connections, models
 from django.utils import timezone
 from simple_history.models import HistoricalRecords
 
@@ -150,7 +150,7 @@ def _pk_index(model) -> int:
 
 
 def _fetch(statement: str, params: list) -> tuple | None:
-    with connection.cursor() as cursor:
+    with _db().cursor() as cursor:
         cursor.execute(statement, params)
         return cursor.fetchone()
 
@@ -164,10 +164,10 @@ def _columns(model, alias: str = "") -> str:
 
 def _instance(model, values):
     """The model instance of a row of ``_columns(model)``, as a queryset would give it."""
-    fields = model._meta.concrete_fields
-    if connection.vendor != "postgresql":  # SQLite: datetimes come back as text, booleans as 0/1
+    fields, db = model._meta.concrete_fields, _db()
+    if db.vendor != "postgresql":  # SQLite: datetimes come back as text, booleans as 0/1
         values = [_convert(model, field, value) for field, value in zip(fields, values, strict=True)]
-    return model.from_db(connection.alias, [f.attname for f in fields], values)
+    return model.from_db(db.alias, _attnames(model), values)
 
 
 def _convert(model, field, value):
@@ -199,7 +199,8 @@ def save_with_history(obj: models.Model, fields: Sequence[str], *, reason: str |
     written = [meta.get_field(name) for name in fields]
     written += [f for f in meta.concrete_fields if getattr(f, "auto_now", False) and f not in written]
     assignments = ", ".join(f"{_qn(f.column)} = %s" for f in written)
-    params = [f.get_db_prep_save(f.pre_save(obj, False), connection) for f in written]
+    db = _db()
+    params = [f.get_db_prep_save(f.pre_save(obj, False), db) for f in written]
     _write_with_history(
         type(obj),
         f"UPDATE {_qn(meta.db_table)} SET {assignments} WHERE {_qn(meta.pk.column)} = %s",
@@ -232,7 +233,8 @@ def create_many_with_history(
     fields = [f for f in meta.concrete_fields if not (f.primary_key and f.auto_created)]
     columns = ", ".join(_qn(f.column) for f in fields)
     row = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    params = [f.get_db_prep_save(f.pre_save(obj, True), connection) for obj in objs for f in fields]
+    db = _db()
+    params = [f.get_db_prep_save(f.pre_save(obj, True), db) for obj in objs for f in fields]
     conflict = ""
     if unless_exists:
         conflict = f" ON CONFLICT ({', '.join(_qn(meta.get_field(n).column) for n in unless_exists)}) DO NOTHING"
@@ -249,7 +251,7 @@ def create_many_with_history(
     if len(pks) != len(objs):  # some skipped (unless_exists): only a single row is asked for so
         return []
     for obj, pk in zip(objs, pks, strict=True):
-        obj.pk, obj._state.adding, obj._state.db = pk, False, connection.alias
+        obj.pk, obj._state.adding, obj._state.db = pk, False, db.alias
     return list(objs)
 
 
@@ -316,6 +318,17 @@ def relink_renewal_entitlements(subscription, processing: tuple | None = None) -
     )
 
 
+def _db():
+    """The default database's connection itself: every attribute of the ``connection`` proxy is
+    looked up in a context-local store, which a statement's dozens of field conversions feel."""
+    return connections[DEFAULT_DB_ALIAS]
+
+
+@cache
+def _attnames(model) -> list[str]:
+    return [f.attname for f in model._meta.concrete_fields]
+
+
 @cache
 def _qn(name: str) -> str:
     return connection.ops.quote_name(name)
@@ -335,10 +348,10 @@ def _write_with_history(model, write: str, params: list, history_type: str, reas
     ``reason_sql`` (SQL over the written row's columns, its parameters) gives each row its own
     reason; otherwise every row gets ``reason``.
     """
-    meta = model._meta
+    meta, db = model._meta, _db()
     pk = _qn(meta.pk.column)
     history = getattr(model, "history", None)
-    with connection.cursor() as cursor:
+    with db.cursor() as cursor:
         if history is None:
             cursor.execute(f"{write} RETURNING {pk}", params)
             return [row[0] for row in cursor.fetchall()]
@@ -350,7 +363,7 @@ def _write_with_history(model, write: str, params: list, history_type: str, reas
             f" history_type, history_user_id) SELECT {tracked}, %s, {why}, %s, %s FROM"
         )
         history_params = [timezone.now(), *why_params, history_type, _history_user_id()]
-        if connection.vendor == "postgresql":
+        if db.vendor == "postgresql":
             cursor.execute(
                 f"WITH written AS ({write} RETURNING *), history AS ({insert_history} written) SELECT {pk} FROM written",
                 [*params, *history_params],
