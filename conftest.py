@@ -1,4 +1,5 @@
 """Project-wide test set-up: the guarantees are about PostgreSQL, so refuse anything else."""
+
 import pytest
 from django.conf import settings
 

@@ -4,6 +4,7 @@ Without names it runs the default set (webhook, mix). ``--quick`` is a smoke run
 or so: tiny workloads, one round; its reports go to ``*-quick.*`` so that they never replace
 the figures of a full run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,15 +29,23 @@ DEFAULT_GUNICORN = GunicornConfig(worker_class="gthread", workers=2, threads=4)
 
 
 def parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benchmarks", nargs="*", metavar="BENCHMARK",
-                   help=f"any of {', '.join(BENCHMARKS)} (default: {' '.join(DEFAULT_BENCHMARKS)})")
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "benchmarks",
+        nargs="*",
+        metavar="BENCHMARK",
+        help=f"any of {', '.join(BENCHMARKS)} (default: {' '.join(DEFAULT_BENCHMARKS)})",
+    )
     p.add_argument("--quick", action="store_true", help="short smoke run (one round, small workloads)")
     p.add_argument("--connections", type=int, default=8, help="concurrent client connections (default 8)")
-    p.add_argument("--duration", type=float,
-                   help="at most this many seconds of load per target and round (default 120, quick 15); "
-                        "a run normally ends earlier, when its requests are all sent")
+    p.add_argument(
+        "--duration",
+        type=float,
+        help="at most this many seconds of load per target and round (default 120, quick 15); "
+        "a run normally ends earlier, when its requests are all sent",
+    )
     p.add_argument("--rounds", type=int, help="rounds per target (default 3, quick 1)")
     p.add_argument("--subscriptions", type=int, help="webhook: subscriptions (default 2000)")
     p.add_argument("--updates", type=int, help="webhook: updates per subscription and round (default 3)")
@@ -46,8 +55,9 @@ def parse(argv) -> argparse.Namespace:
     g.add_argument("--workers", type=int, default=DEFAULT_GUNICORN.workers)
     g.add_argument("--threads", type=int, default=DEFAULT_GUNICORN.threads)
     g = p.add_argument_group("profiling (webhook only)")
-    g.add_argument("--profile", action="store_true",
-                   help="profile the pipeline in one sync worker instead of benchmarking")
+    g.add_argument(
+        "--profile", action="store_true", help="profile the pipeline in one sync worker instead of benchmarking"
+    )
     g.add_argument("--profiler", choices=["pyinstrument", "py-spy"], default="pyinstrument")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any goal FAILs")
     args = p.parse_args(argv)
@@ -68,8 +78,7 @@ def main(argv=None) -> int:
     # stop gunicorn (in its own session, it would outlive us) and the load generator.
     signal.signal(signal.SIGTERM, _interrupted)
     started = time.monotonic()
-    ctx = Context(args=args, quick=args.quick,
-                  gunicorn=GunicornConfig(args.worker_class, args.workers, args.threads))
+    ctx = Context(args=args, quick=args.quick, gunicorn=GunicornConfig(args.worker_class, args.workers, args.threads))
     failed_goals, reports = [], []
     try:
         create_database(log)

@@ -6,6 +6,7 @@
   status (raw SQL, no ORM), then answer 200. The table is ``bench_minimal_event``, created by
   the harness (``bench.server.MINIMAL_TABLE_SQL``), not by a migration.
 """
+
 import json
 
 import stripe

@@ -5,6 +5,7 @@ generator returns, so that rounds can be pooled: a percentile over all rounds' s
 steadier than a median of per-round percentiles on a noisy machine, while a rate is a
 per-round figure (its median is reported). Percentiles use the nearest-rank method.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,7 +93,7 @@ def by_label(raw_runs) -> dict:
     groups: dict = {}
     for raw in raw_runs:
         names = raw["label_names"]
-        for lat, status, label in zip(raw["latencies_ns"], raw["statuses"], raw["labels"]):
+        for lat, status, label in zip(raw["latencies_ns"], raw["statuses"], raw["labels"], strict=True):
             g = groups.setdefault(names[label], (array("q"), array("h")))
             g[0].append(lat)
             g[1].append(status)
@@ -111,15 +112,19 @@ def loadavg() -> str:
 
 def git_state() -> dict:
     """The commit the code under test came from (read-only git commands only)."""
+
     def git(*cmd):
         try:
-            return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10,
-                                  cwd=RESULTS.parent.parent).stdout.strip()
+            return subprocess.run(
+                ["git", *cmd], capture_output=True, text=True, timeout=10, cwd=RESULTS.parent.parent
+            ).stdout.strip()
         except OSError:
             return None
 
-    return {"git_commit": git("rev-parse", "--short", "HEAD"),
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    return {
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
 def meta(ctx: Context) -> dict:
@@ -166,9 +171,10 @@ def fmt(value, digits: int = 1) -> str:
 def table(headers: list, rows: list) -> str:
     cells = [[str(h) for h in headers]] + [[fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [line(r) for r in cells[1:]])
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |"  # noqa: E731
+    return "\n".join(
+        [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]]
+    )
 
 
 def goal(text: str, passed, value: str) -> dict:

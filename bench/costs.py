@@ -10,6 +10,7 @@ bodies, so the figures can be read as ratios, like the HTTP benchmarks' CPU per 
 It runs against ``billing_bench`` (created afresh, as ``make bench`` does) with the bench
 settings. Output: a table on stdout and ``bench/results/costs.{json,md}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,11 +119,17 @@ def measure(customers: int, seed: int, per_statement: bool = False, profiler=Non
         failed = defaultdict(int)
         for event in events:
             body = encode(event)
-            for target, path in (("bare", "/bench/bare/"), ("minimal", "/bench/minimal/"),
-                                 ("pipeline", "/billing/stripe/webhook/")):
+            for target, path in (
+                ("bare", "/bench/bare/"),
+                ("minimal", "/bench/minimal/"),
+                ("pipeline", "/billing/stripe/webhook/"),
+            ):
                 current[0] = event["type"] if target == "pipeline" else target
-                profiled = profiler is not None and target == "pipeline" and (
-                    "*" in profile_types or event["type"] in profile_types)
+                profiled = (
+                    profiler is not None
+                    and target == "pipeline"
+                    and ("*" in profile_types or event["type"] in profile_types)
+                )
                 if profiled:
                     profiler.start()
                 seconds, pg_seconds, statements_sent, status = call(path, body)
@@ -137,36 +144,63 @@ def measure(customers: int, seed: int, per_statement: bool = False, profiler=Non
                     failed[key] += 1
     rows = []
     for (target, type_), total in cpu.items():
-        rows.append({
-            "target": target, "type": type_, "requests": n[(target, type_)],
-            "cpu_ms": round(1000 * total / n[(target, type_)], 3),
-            "pg_cpu_ms": round(1000 * pg[(target, type_)] / n[(target, type_)], 3),
-            "statements": round(queries[(target, type_)] / n[(target, type_)], 2),
-            "failed": failed[(target, type_)],
-        })
+        rows.append(
+            {
+                "target": target,
+                "type": type_,
+                "requests": n[(target, type_)],
+                "cpu_ms": round(1000 * total / n[(target, type_)], 3),
+                "pg_cpu_ms": round(1000 * pg[(target, type_)] / n[(target, type_)], 3),
+                "statements": round(queries[(target, type_)] / n[(target, type_)], 2),
+                "failed": failed[(target, type_)],
+            }
+        )
+
     def per_request(measure, target):
         total = sum(v for (t, _), v in measure.items() if t == target)
         return 1000 * total / sum(v for (t, _), v in n.items() if t == target)
 
     statements_table = sorted(
-        ({"event": k[0], "sql": k[1], "count": v[0], "web_ms": round(1000 * v[1], 1), "pg_ms": round(1000 * v[2], 1)}
-         for k, v in by_statement.items()), key=lambda r: -(r["web_ms"] + r["pg_ms"]))
-    return {"rows": rows, "customers": customers, "seed": seed, "statements": statements_table,
-            **{f"{target}_{name}_ms": per_request(measure, target)
-               for target in ("pipeline", "minimal", "bare") for name, measure in (("cpu", cpu), ("pg_cpu", pg))}}
+        (
+            {"event": k[0], "sql": k[1], "count": v[0], "web_ms": round(1000 * v[1], 1), "pg_ms": round(1000 * v[2], 1)}
+            for k, v in by_statement.items()
+        ),
+        key=lambda r: -(r["web_ms"] + r["pg_ms"]),
+    )
+    return {
+        "rows": rows,
+        "customers": customers,
+        "seed": seed,
+        "statements": statements_table,
+        **{
+            f"{target}_{name}_ms": per_request(measure, target)
+            for target in ("pipeline", "minimal", "bare")
+            for name, measure in (("cpu", cpu), ("pg_cpu", pg))
+        },
+    }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.costs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.costs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--customers", type=int, default=100)
     p.add_argument("--seed", type=int, default=4242)
     p.add_argument("--no-create", action="store_true", help="reuse billing_bench as it is")
-    p.add_argument("--statements", type=int, default=0, metavar="N",
-                   help="also time each SQL statement (web and PostgreSQL CPU) and list the N costliest")
-    p.add_argument("--profile", metavar="TYPES", default="",
-                   help="profile the pipeline's requests of these event types (comma-separated, * for all) with"
-                        " pyinstrument; writes bench/results/costs-profile.txt (figures are then not comparable)")
+    p.add_argument(
+        "--statements",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time each SQL statement (web and PostgreSQL CPU) and list the N costliest",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="TYPES",
+        default="",
+        help="profile the pipeline's requests of these event types (comma-separated, * for all) with"
+        " pyinstrument; writes bench/results/costs-profile.txt (figures are then not comparable)",
+    )
     args = p.parse_args(argv)
     if not args.no_create:
         create_database(log)
@@ -175,38 +209,74 @@ def main(argv=None) -> int:
         from pyinstrument import Profiler
 
         profiler = Profiler(interval=0.0002)
-    result = measure(args.customers, args.seed, per_statement=bool(args.statements), profiler=profiler,
-                     profile_types=tuple(args.profile.split(",")) if args.profile else ())
+    result = measure(
+        args.customers,
+        args.seed,
+        per_statement=bool(args.statements),
+        profiler=profiler,
+        profile_types=tuple(args.profile.split(",")) if args.profile else (),
+    )
     if profiler is not None:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "costs-profile.txt").write_text(
             profiler.output_text(unicode=True, show_all=False, timeline=False)
-            + "\n\nBy own time:\n" + profiler.output_text(unicode=True, flat=True))
+            + "\n\nBy own time:\n"
+            + profiler.output_text(unicode=True, flat=True)
+        )
         print(f"profile of {args.profile}: {RESULTS / 'costs-profile.txt'}")
         return 0
     minimal = result["minimal_cpu_ms"]
     minimal_both = minimal + result["minimal_pg_cpu_ms"]
     rows = sorted(result["rows"], key=lambda r: (r["target"] != "pipeline", -r["cpu_ms"] * r["requests"]))
-    md = table(["target", "event type", "requests", "CPU ms/request", "x minimal", "PG CPU ms/request",
-                "web+PG x minimal", "SQL statements", "non-2xx"],
-               [[r["target"], r["type"], r["requests"], f"{r['cpu_ms']:.3f}", f"{r['cpu_ms'] / minimal:.2f}",
-                 f"{r['pg_cpu_ms']:.3f}", f"{(r['cpu_ms'] + r['pg_cpu_ms']) / minimal_both:.2f}",
-                 r["statements"], r["failed"]] for r in rows])
+    md = table(
+        [
+            "target",
+            "event type",
+            "requests",
+            "CPU ms/request",
+            "x minimal",
+            "PG CPU ms/request",
+            "web+PG x minimal",
+            "SQL statements",
+            "non-2xx",
+        ],
+        [
+            [
+                r["target"],
+                r["type"],
+                r["requests"],
+                f"{r['cpu_ms']:.3f}",
+                f"{r['cpu_ms'] / minimal:.2f}",
+                f"{r['pg_cpu_ms']:.3f}",
+                f"{(r['cpu_ms'] + r['pg_cpu_ms']) / minimal_both:.2f}",
+                r["statements"],
+                r["failed"],
+            ]
+            for r in rows
+        ],
+    )
     pipeline_both = result["pipeline_cpu_ms"] + result["pipeline_pg_cpu_ms"]
-    summary = (f"pipeline, all types: {result['pipeline_cpu_ms']:.3f} ms/request = "
-               f"{result['pipeline_cpu_ms'] / minimal:.2f}x minimal ({minimal:.3f} ms); with PostgreSQL's CPU "
-               f"{pipeline_both:.3f} ms = {pipeline_both / minimal_both:.2f}x minimal ({minimal_both:.3f} ms); "
-               f"bare {result['bare_cpu_ms']:.3f} ms")
+    summary = (
+        f"pipeline, all types: {result['pipeline_cpu_ms']:.3f} ms/request = "
+        f"{result['pipeline_cpu_ms'] / minimal:.2f}x minimal ({minimal:.3f} ms); with PostgreSQL's CPU "
+        f"{pipeline_both:.3f} ms = {pipeline_both / minimal_both:.2f}x minimal ({minimal_both:.3f} ms); "
+        f"bare {result['bare_cpu_ms']:.3f} ms"
+    )
     if args.statements:
         md += "\n### Costliest statements (total over the run; timing each adds its own overhead)\n\n" + table(
             ["event", "count", "web ms", "PG ms", "statement"],
-            [[r["event"], r["count"], r["web_ms"], r["pg_ms"], r["sql"][:110]]
-             for r in result["statements"][: args.statements]])
+            [
+                [r["event"], r["count"], r["web_ms"], r["pg_ms"], r["sql"][:110]]
+                for r in result["statements"][: args.statements]
+            ],
+        )
     git = git_state()
-    text = (f"# In-process CPU per request (`python -m bench.costs`)\n\n{time.strftime('%Y-%m-%dT%H:%M:%S%z')}, "
-            f"commit {git.get('git_commit') or '?'}{' (dirty)' if git.get('git_dirty') else ''}, "
-            f"{args.customers} lifecycles (seed {args.seed}), one request at a time through Django's WSGI handler."
-            f"\n\n{summary}\n\n{md}\n")
+    text = (
+        f"# In-process CPU per request (`python -m bench.costs`)\n\n{time.strftime('%Y-%m-%dT%H:%M:%S%z')}, "
+        f"commit {git.get('git_commit') or '?'}{' (dirty)' if git.get('git_dirty') else ''}, "
+        f"{args.customers} lifecycles (seed {args.seed}), one request at a time through Django's WSGI handler."
+        f"\n\n{summary}\n\n{md}\n"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "costs.md").write_text(text)
     (RESULTS / "costs.json").write_text(json.dumps({**result, "git": git}, indent=2))

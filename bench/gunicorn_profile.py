@@ -7,6 +7,7 @@ marks the window to profile with two requests, which Django answers 404: ``START
 request, keeps pyinstrument's per-session overhead out of the way; with the worker kept busy
 the little time it spends waiting shows up as ``accept``/``select`` frames.
 """
+
 import os
 
 START_PATH = "/bench/profile-start/"

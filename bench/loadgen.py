@@ -19,6 +19,7 @@ Why this shape, on a 2-core machine where the client steals CPU from the server 
   connection was closed before any answer (a race the server invites; counted as
   ``reconnects``). Every non-2xx and every transport error is counted and kept as a sample.
 """
+
 from __future__ import annotations
 
 import gc
@@ -207,7 +208,7 @@ def run(spec: LoadSpec) -> dict:
         if at < 0:
             return fail(conn, "protocol: answer without Content-Length")
         eol = head.find(b"\r\n", at + 2)
-        length = int(head[at + 17:eol if eol > 0 else len(head)])
+        length = int(head[at + 17 : eol if eol > 0 else len(head)])
         if len(buf) < end + 4 + length:
             return
         done = perf()

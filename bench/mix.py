@@ -13,6 +13,7 @@ minimal baseline's, at least 50% of its rate, p99 below 50 ms. The earlier goal 
 ``invoice.created`` p99 below 25 ms is withdrawn: with a closed loop of 8 connections the mean
 latency is 8 / rate whatever the handler does; every type's p99 is still reported.
 """
+
 from __future__ import annotations
 
 from bench.core import RESULTS, Context, goal, log, table
@@ -36,8 +37,10 @@ def lifecycle_batch(generate, customers: int, seed: int, seen: set) -> Batch:
         events.extend(lc.events)
     ids = {e["id"] for e in events}
     if len(ids) < len(events) or ids & seen:
-        raise SystemExit(f"generate_lifecycles(seed={seed}) repeats event ids: the pipeline would "
-                         "see duplicates instead of new events")
+        raise SystemExit(
+            f"generate_lifecycles(seed={seed}) repeats event ids: the pipeline would "
+            "see duplicates instead of new events"
+        )
     seen |= ids
     return Batch.of(events, [encode(e) for e in events], lanes)
 
@@ -54,22 +57,46 @@ def run(ctx: Context) -> dict:
             opts[key] = getattr(ctx.args, key)
     seen: set = set()
     warmup = lifecycle_batch(generate_lifecycles, WARMUP_CUSTOMERS, WARMUP_SEED, seen)
-    rounds = (lifecycle_batch(generate_lifecycles, opts["customers"], SEED + r, seen)
-              for r in range(opts["rounds"]))
+    rounds = (lifecycle_batch(generate_lifecycles, opts["customers"], SEED + r, seen) for r in range(opts["rounds"]))
     log(f"mix: {opts}, {ctx.args.connections} connections, gunicorn {ctx.gunicorn}")
     with serve(ctx.gunicorn, RESULTS / "gunicorn-mix.log.tmp") as server:
         targets, missing = available_targets(ctx, server, TARGETS)
-        result = compare(ctx, server, targets, warmup=warmup, rounds=rounds, duration=opts["duration"],
-                         per_label=True)
+        result = compare(ctx, server, targets, warmup=warmup, rounds=rounds, duration=opts["duration"], per_label=True)
     types = (result["targets"].get("pipeline") or {}).get("by_type", {})
     cpu = cpu_ratio(result["targets"], "pipeline", "minimal")
-    extra = [goal(f"pipeline CPU per request (server + PostgreSQL) <= {CPU_GOAL}x minimal's",
-                  None if cpu is None else cpu <= CPU_GOAL, "unavailable" if cpu is None else f"{cpu}x")]
-    breakdown = "\n### Pipeline latency by event type (all rounds)\n\n" + table(
-        ["event type", "requests", "p50 ms", "p90 ms", "p99 ms", "max ms", "failed"],
-        [[name, t["requests"], t["p50_ms"], t["p90_ms"], t["p99_ms"], t["max_ms"],
-          sum(t["failed"].values()) or 0] for name, t in sorted(types.items(), key=lambda kv: -kv[1]["p99_ms"])],
-    ) + "\n" if types else ""
-    return {"options": opts, "unavailable": missing, **result,
-            **verdict(ctx, result, missing, rate_goal=RATE_GOAL, label="mix (pipeline)",
-                      extra_goals=extra, extra_md=breakdown)}
+    extra = [
+        goal(
+            f"pipeline CPU per request (server + PostgreSQL) <= {CPU_GOAL}x minimal's",
+            None if cpu is None else cpu <= CPU_GOAL,
+            "unavailable" if cpu is None else f"{cpu}x",
+        )
+    ]
+    breakdown = (
+        "\n### Pipeline latency by event type (all rounds)\n\n"
+        + table(
+            ["event type", "requests", "p50 ms", "p90 ms", "p99 ms", "max ms", "failed"],
+            [
+                [
+                    name,
+                    t["requests"],
+                    t["p50_ms"],
+                    t["p90_ms"],
+                    t["p99_ms"],
+                    t["max_ms"],
+                    sum(t["failed"].values()) or 0,
+                ]
+                for name, t in sorted(types.items(), key=lambda kv: -kv[1]["p99_ms"])
+            ],
+        )
+        + "\n"
+        if types
+        else ""
+    )
+    return {
+        "options": opts,
+        "unavailable": missing,
+        **result,
+        **verdict(
+            ctx, result, missing, rate_goal=RATE_GOAL, label="mix (pipeline)", extra_goals=extra, extra_md=breakdown
+        ),
+    }

@@ -13,6 +13,7 @@ run is comparable with the others.
   ``webhook-profile-py-spy.folded`` (open it in https://www.speedscope.app) and a summary
   ``webhook-profile-py-spy.txt`` of the functions by own and by total time.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -53,9 +54,12 @@ def profile_webhook(ctx: Context) -> dict:
         raise SystemExit("py-spy is not installed: `.venv/bin/pip install py-spy`, or use --profiler pyinstrument")
     for suffix in (".txt", ".html", ".folded"):
         stem.with_suffix(suffix).unlink(missing_ok=True)
-    with serve(config, RESULTS / "gunicorn-profile.log.tmp",
-               env_extra={"BENCH_PROFILE_OUT": str(stem)},
-               extra_args=("-c", "python:bench.gunicorn_profile") if pyinstrument else ()) as server:
+    with serve(
+        config,
+        RESULTS / "gunicorn-profile.log.tmp",
+        env_extra={"BENCH_PROFILE_OUT": str(stem)},
+        extra_args=("-c", "python:bench.gunicorn_profile") if pyinstrument else (),
+    ) as server:
         targets, missing = available_targets(ctx, server, [PIPELINE])
         target = PIPELINE if targets else MINIMAL
         if not targets:
@@ -65,9 +69,22 @@ def profile_webhook(ctx: Context) -> dict:
         if pyinstrument:
             marker(server, START_PATH)
         else:
-            recorder = subprocess.Popen([spy, "record", "--pid", str(server.worker_pids()[0]), "--rate", "250",
-                                         "--format", "raw", "--output", str(stem.with_suffix(".folded"))],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            recorder = subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(server.worker_pids()[0]),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(stem.with_suffix(".folded")),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             time.sleep(1)  # let py-spy attach before the load starts
         summary = summarize_run(send(ctx, server, target, workload.round(0)))
         if pyinstrument:
@@ -83,13 +100,22 @@ def profile_webhook(ctx: Context) -> dict:
         files.append(stem.with_suffix(".txt"))
     written = [str(f.relative_to(RESULTS.parent.parent)) for f in files if f.exists()]
     log(f"profile of {target.name} written: {', '.join(written) or 'NOTHING (see gunicorn-profile.log.tmp)'}")
-    md = (f"Profile of `{target.name}` ({ctx.args.profiler}, one sync worker, {summary['requests']} requests, "
-          f"{summary['failed_total']} failed; profiled timings are NOT benchmark figures).\n\n"
-          + "\n".join(f"- {w}" for w in written) + "\n")
+    md = (
+        f"Profile of `{target.name}` ({ctx.args.profiler}, one sync worker, {summary['requests']} requests, "
+        f"{summary['failed_total']} failed; profiled timings are NOT benchmark figures).\n\n"
+        + "\n".join(f"- {w}" for w in written)
+        + "\n"
+    )
     if stem.with_suffix(".txt").exists():
         md += "\n```\n" + "\n".join(stem.with_suffix(".txt").read_text().splitlines()[:60]) + "\n```\n"
-    return {"target": target.name, "profiler": ctx.args.profiler, "size": size, "files": written,
-            "load": summary, "markdown": md}
+    return {
+        "target": target.name,
+        "profiler": ctx.args.profiler,
+        "size": size,
+        "files": written,
+        "load": summary,
+        "markdown": md,
+    }
 
 
 def folded_summary(folded: str, top: int = 30) -> str:
@@ -125,7 +151,11 @@ def folded_summary(folded: str, top: int = 30) -> str:
             if pkg.startswith("project: "):
                 project[func] += n
     pct = lambda n: round(100 * n / samples, 1) if samples else 0.0  # noqa: E731
-    return (f"{samples} samples of the worker (idle time left out)\n\nOwn time by package (where the "
-            "CPU or the wait is)\n\n" + table(["%", "package"], [[pct(n), p] for p, n in by_package.most_common(top)])
-            + "\n\nProject functions by total time (their own and what they call)\n\n"
-            + table(["%", "function"], [[pct(n), f] for f, n in project.most_common(top)]) + "\n")
+    return (
+        f"{samples} samples of the worker (idle time left out)\n\nOwn time by package (where the "
+        "CPU or the wait is)\n\n"
+        + table(["%", "package"], [[pct(n), p] for p, n in by_package.most_common(top)])
+        + "\n\nProject functions by total time (their own and what they call)\n\n"
+        + table(["%", "function"], [[pct(n), f] for f, n in project.most_common(top)])
+        + "\n"
+    )

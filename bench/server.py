@@ -5,6 +5,7 @@ afresh by each run so that figures never depend on what an earlier run left behi
 Gunicorn runs in its own process group, and ``serve()`` kills that group whatever happens, so
 that no worker survives a failed or interrupted run.
 """
+
 from __future__ import annotations
 
 import os
@@ -76,7 +77,10 @@ def create_database(log) -> None:
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=ROOT, env=server_env(), capture_output=True, text=True,
+        cwd=ROOT,
+        env=server_env(),
+        capture_output=True,
+        text=True,
     )
     if done.returncode:
         raise SystemExit(f"migrate failed:\n{done.stdout}\n{done.stderr}")
@@ -166,7 +170,7 @@ class CpuMeter:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self.sample(initial=True)
         self._thread.start()
         return self
@@ -201,23 +205,38 @@ def serve(config: GunicornConfig, log_path: Path, *, env_extra: dict | None = No
     """Run gunicorn on a free port until the block ends; kill its process group afterwards."""
     port = free_port()
     cmd = [
-        str(BIN / "gunicorn"), "config.wsgi:application",
-        "--bind", f"127.0.0.1:{port}",
-        "--worker-class", config.worker_class,
-        "--workers", str(config.workers),
-        "--threads", str(config.threads),
-        "--backlog", "2048",
-        "--timeout", "120",
-        "--graceful-timeout", "5",
-        "--log-level", "warning",
+        str(BIN / "gunicorn"),
+        "config.wsgi:application",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--worker-class",
+        config.worker_class,
+        "--workers",
+        str(config.workers),
+        "--threads",
+        str(config.threads),
+        "--backlog",
+        "2048",
+        "--timeout",
+        "120",
+        "--graceful-timeout",
+        "5",
+        "--log-level",
+        "warning",
         *extra_args,
     ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as logfile:
         logfile.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
         logfile.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=server_env(**(env_extra or {})),
-                                stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=server_env(**(env_extra or {})),
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     server = Server(port, proc, log_path, config)
     try:
         wait_ready(server)

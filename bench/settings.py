@@ -5,10 +5,10 @@
 * E-mail goes nowhere: the benchmark measures the webhook, not an SMTP or console write
   (in production a Celery worker sends it, out of the request).
 """
-from config.settings import *  # noqa: F401,F403
-from config.settings import LOGGING, env
 
 from bench import WEBHOOK_SECRET
+from config.settings import *  # noqa: F401,F403
+from config.settings import LOGGING, env
 
 ROOT_URLCONF = "bench.urls"
 DEBUG = False

@@ -12,6 +12,7 @@ Fairness on a shared, noisy 2-core machine:
   PostgreSQL backends per request, which noise from other tenants barely changes, and the CPU
   time the rest of the machine used meanwhile ("other CPU"), which says how noisy it was.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,7 +50,7 @@ class Batch:
     lanes: list | None = None
 
     @classmethod
-    def of(cls, events: list, bodies: list, lanes: list | None = None) -> "Batch":
+    def of(cls, events: list, bodies: list, lanes: list | None = None) -> Batch:
         names: dict = {}
         labels = array("h", (names.setdefault(e["type"], len(names)) for e in events))
         return cls(bodies, labels, list(names), lanes)
@@ -61,8 +62,10 @@ class Batch:
 def probe(server: Server, target: Target) -> int:
     """Status of an unsigned POST: 404 means the URL does not exist (yet); 400 is expected."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(f"POST {target.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  "Content-Length: 2\r\nConnection: close\r\n\r\n{}".encode())
+        s.sendall(
+            f"POST {target.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Content-Length: 2\r\nConnection: close\r\n\r\n{}".encode()
+        )
         return int(s.recv(64)[9:12])
 
 
@@ -83,9 +86,17 @@ def available_targets(ctx: Context, server: Server, targets) -> tuple[list, dict
 
 def send(ctx: Context, server: Server, target: Target, batch: Batch, *, duration=None) -> dict:
     """One load run of ``batch`` against ``target``; raw figures plus CPU accounting."""
-    spec = LoadSpec(port=server.port, path=target.path, bodies=batch.bodies, labels=batch.labels,
-                    label_names=batch.label_names, lanes=batch.lanes, connections=ctx.args.connections,
-                    duration=duration, secret=WEBHOOK_SECRET)
+    spec = LoadSpec(
+        port=server.port,
+        path=target.path,
+        bodies=batch.bodies,
+        labels=batch.labels,
+        label_names=batch.label_names,
+        lanes=batch.lanes,
+        connections=ctx.args.connections,
+        duration=duration,
+        secret=WEBHOOK_SECRET,
+    )
     backends = BackendPids()
     try:
         with CpuMeter(server=lambda: [server.proc.pid, *server.worker_pids()], pg=backends) as meter:
@@ -131,14 +142,24 @@ def summarize_run(raw: dict) -> dict:
 
 def check_failures(ctx: Context, what: str, summary: dict) -> None:
     if summary["failed_total"]:
-        ctx.warn(f"{what}: {summary['failed_total']} of {summary['requests']} requests FAILED "
-                 f"(status: count {summary['failed']}, 0 = no answer; samples {summary['error_samples'][:3]})")
+        ctx.warn(
+            f"{what}: {summary['failed_total']} of {summary['requests']} requests FAILED "
+            f"(status: count {summary['failed']}, 0 = no answer; samples {summary['error_samples'][:3]})"
+        )
     if summary["stopped_by_duration"]:
         log(f"{what}: stopped by --duration after {summary['requests']} of {summary['offered']} requests")
 
 
-def compare(ctx: Context, server: Server, targets, *, warmup: Batch | None, rounds: list,
-            duration: float | None, per_label: bool = False) -> dict:
+def compare(
+    ctx: Context,
+    server: Server,
+    targets,
+    *,
+    warmup: Batch | None,
+    rounds: list,
+    duration: float | None,
+    per_label: bool = False,
+) -> dict:
     """Warm every target up, then run each round's batch against every target, rotating order.
 
     Returns per-run summaries and, per target, the median rate and pooled latencies.
@@ -158,9 +179,11 @@ def compare(ctx: Context, server: Server, targets, *, warmup: Batch | None, roun
                 summary["by_type"] = by_label([raw])
             runs.append(summary)
             raws[target.name].append(raw)
-            log(f"round {r + 1} {target.name}: {summary['requests']} req, {summary['rate']:.0f}/s, "
+            log(
+                f"round {r + 1} {target.name}: {summary['requests']} req, {summary['rate']:.0f}/s, "
                 f"p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms, failed {summary['failed_total']}, "
-                f"other CPU {summary['other_cpu_pct']}%")
+                f"other CPU {summary['other_cpu_pct']}%"
+            )
             check_failures(ctx, f"round {r + 1} of {target.name}", summary)
     totals = {}
     for target in targets:
@@ -185,15 +208,29 @@ def compare(ctx: Context, server: Server, targets, *, warmup: Batch | None, roun
             totals[target.name]["by_type"] = by_label(raws[target.name])
     noise = max((t["other_cpu_pct"] or 0 for t in totals.values()), default=0)
     if noise > NOISY_OTHER_CPU_PCT:
-        ctx.warn(f"the machine was busy: other processes used up to {noise:.0f}% CPU (of "
-                 f"{100 * (os.cpu_count() or 1)}%) during the runs; rates and latencies are noise-bound, "
-                 "CPU per request less so")
+        ctx.warn(
+            f"the machine was busy: other processes used up to {noise:.0f}% CPU (of "
+            f"{100 * (os.cpu_count() or 1)}%) during the runs; rates and latencies are noise-bound, "
+            "CPU per request less so"
+        )
     return {"runs": runs, "targets": totals}
 
 
-SUMMARY_HEADERS = ["target", "requests", "rate/s (median)", "rate min-max", "p50 ms", "p90 ms",
-                   "p99 ms", "max ms", "failed", "server CPU ms/req", "PG CPU ms/req",
-                   "client CPU %", "other CPU %"]
+SUMMARY_HEADERS = [
+    "target",
+    "requests",
+    "rate/s (median)",
+    "rate min-max",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "max ms",
+    "failed",
+    "server CPU ms/req",
+    "PG CPU ms/req",
+    "client CPU %",
+    "other CPU %",
+]
 
 
 def summary_rows(totals: dict, missing: dict) -> list:
@@ -201,11 +238,23 @@ def summary_rows(totals: dict, missing: dict) -> list:
     for name in [t.name for t in TARGETS] + [n for n in totals if n not in {t.name for t in TARGETS}]:
         if name in totals:
             t = totals[name]
-            rows.append([name, t["requests"], t["rate"], f"{t['rate_min']:.0f}-{t['rate_max']:.0f}",
-                         t["p50_ms"], t["p90_ms"], t["p99_ms"], t["max_ms"],
-                         f"{t['failed_total']}{' !!!' if t['failed_total'] else ''}",
-                         t["server_cpu_ms_per_req"], t["pg_cpu_ms_per_req"], t["client_cpu_pct"],
-                         t["other_cpu_pct"]])
+            rows.append(
+                [
+                    name,
+                    t["requests"],
+                    t["rate"],
+                    f"{t['rate_min']:.0f}-{t['rate_max']:.0f}",
+                    t["p50_ms"],
+                    t["p90_ms"],
+                    t["p99_ms"],
+                    t["max_ms"],
+                    f"{t['failed_total']}{' !!!' if t['failed_total'] else ''}",
+                    t["server_cpu_ms_per_req"],
+                    t["pg_cpu_ms_per_req"],
+                    t["client_cpu_pct"],
+                    t["other_cpu_pct"],
+                ]
+            )
         elif name in missing:
             rows.append([name, "unavailable"] + ["-"] * (len(SUMMARY_HEADERS) - 2))
     return rows
@@ -235,8 +284,17 @@ def cpu_ratio(totals: dict, a: str, b: str):
     return None
 
 
-def verdict(ctx: Context, result: dict, missing: dict, *, rate_goal: float, subject: str = "pipeline",
-            label: str = "pipeline", extra_goals=(), extra_md: str = "") -> dict:
+def verdict(
+    ctx: Context,
+    result: dict,
+    missing: dict,
+    *,
+    rate_goal: float,
+    subject: str = "pipeline",
+    label: str = "pipeline",
+    extra_goals=(),
+    extra_md: str = "",
+) -> dict:
     """Ratios, the goals every HTTP benchmark shares (rate against minimal, p99, no failures)
     plus ``extra_goals``, and the markdown report."""
     totals, runs = result["targets"], result["runs"]
@@ -253,26 +311,65 @@ def verdict(ctx: Context, result: dict, missing: dict, *, rate_goal: float, subj
     at = f" (goal is at 8 connections; ran at {ctx.args.connections})" if ctx.args.connections != 8 else ""
     rate_ratio = ratios[f"{subject}/minimal"]
     goals = [
-        goal(f"{label} rate >= {rate_goal:.0%} of minimal's", None if rate_ratio is None else rate_ratio >= rate_goal,
-             "unavailable" if rate_ratio is None else f"{rate_ratio:.0%}"),
-        goal(f"{label} p99 < {P99_GOAL_MS:.0f} ms{at}", None if s is None else s["p99_ms"] < P99_GOAL_MS,
-             "unavailable" if s is None else f"{s['p99_ms']} ms"),
+        goal(
+            f"{label} rate >= {rate_goal:.0%} of minimal's",
+            None if rate_ratio is None else rate_ratio >= rate_goal,
+            "unavailable" if rate_ratio is None else f"{rate_ratio:.0%}",
+        ),
+        goal(
+            f"{label} p99 < {P99_GOAL_MS:.0f} ms{at}",
+            None if s is None else s["p99_ms"] < P99_GOAL_MS,
+            "unavailable" if s is None else f"{s['p99_ms']} ms",
+        ),
         *extra_goals,
-        goal(f"{label} answered 2xx to every request", None if s is None else s["failed_total"] == 0,
-             "unavailable" if s is None else f"{s['failed_total']} failed"),
+        goal(
+            f"{label} answered 2xx to every request",
+            None if s is None else s["failed_total"] == 0,
+            "unavailable" if s is None else f"{s['failed_total']} failed",
+        ),
     ]
     rounds = table(
-        ["round", "target", "requests", "rate/s", "p50 ms", "p99 ms", "failed", "server CPU ms/req",
-         "PG CPU ms/req", "other CPU %"],
-        [[r["round"], r["target"], r["requests"], r["rate"], r["p50_ms"], r["p99_ms"], r["failed_total"],
-          r["server_cpu_ms_per_req"], r["pg_cpu_ms_per_req"], r["other_cpu_pct"]] for r in runs],
+        [
+            "round",
+            "target",
+            "requests",
+            "rate/s",
+            "p50 ms",
+            "p99 ms",
+            "failed",
+            "server CPU ms/req",
+            "PG CPU ms/req",
+            "other CPU %",
+        ],
+        [
+            [
+                r["round"],
+                r["target"],
+                r["requests"],
+                r["rate"],
+                r["p50_ms"],
+                r["p99_ms"],
+                r["failed_total"],
+                r["server_cpu_ms_per_req"],
+                r["pg_cpu_ms_per_req"],
+                r["other_cpu_pct"],
+            ]
+            for r in runs
+        ],
     )
     md = (
         table(SUMMARY_HEADERS, summary_rows(totals, missing))
         + "\n\nRates are medians over rounds; latencies are percentiles over all rounds' requests. "
         + "Failed = non-2xx answers or no answer.\n\n"
-        + "Ratios: " + ", ".join(f"{k} = {fmt(v, 3) if not isinstance(v, list) else v}" for k, v in ratios.items())
-        + "\n\n" + goals_table(goals) + "\n" + extra_md + "\n### Rounds\n\n" + rounds + "\n"
+        + "Ratios: "
+        + ", ".join(f"{k} = {fmt(v, 3) if not isinstance(v, list) else v}" for k, v in ratios.items())
+        + "\n\n"
+        + goals_table(goals)
+        + "\n"
+        + extra_md
+        + "\n### Rounds\n\n"
+        + rounds
+        + "\n"
     )
     for name, why in missing.items():
         md += f"\n{name}: UNAVAILABLE: {why}\n"

@@ -7,6 +7,7 @@ order, so that a noisy minute does not pick the winner. The pick: the highest pi
 whose p99 stays under the goal (50 ms), else the highest rate; the result goes into
 ``bench.__main__.DEFAULT_GUNICORN`` by hand, with its figures.
 """
+
 from __future__ import annotations
 
 from bench.core import RESULTS, Context, log, median, table
@@ -15,9 +16,15 @@ from bench.targets import MINIMAL, P99_GOAL_MS, PIPELINE, available_targets, com
 from bench.webhook import Workload
 
 CANDIDATES = [
-    GunicornConfig("sync", 2, 1), GunicornConfig("sync", 3, 1), GunicornConfig("sync", 4, 1),
-    GunicornConfig("gthread", 1, 8), GunicornConfig("gthread", 2, 2), GunicornConfig("gthread", 2, 4),
-    GunicornConfig("gthread", 3, 2), GunicornConfig("gthread", 3, 3), GunicornConfig("gthread", 4, 2),
+    GunicornConfig("sync", 2, 1),
+    GunicornConfig("sync", 3, 1),
+    GunicornConfig("sync", 4, 1),
+    GunicornConfig("gthread", 1, 8),
+    GunicornConfig("gthread", 2, 2),
+    GunicornConfig("gthread", 2, 4),
+    GunicornConfig("gthread", 3, 2),
+    GunicornConfig("gthread", 3, 3),
+    GunicornConfig("gthread", 4, 2),
 ]
 FULL = {"subscriptions": 300, "updates": 3, "passes": 3}
 QUICK = {"subscriptions": 100, "updates": 2, "passes": 1}
@@ -35,11 +42,14 @@ def run(ctx: Context) -> dict:
             workload = Workload(opts["subscriptions"], opts["updates"], tag=f"t{p}c{i}")
             with serve(config, RESULTS / "gunicorn-tune.log.tmp") as server:
                 targets, _ = available_targets(ctx, server, [MINIMAL, PIPELINE])
-                result = compare(ctx, server, targets, warmup=workload.setup(), rounds=[workload.round(0)],
-                                 duration=None)
+                result = compare(
+                    ctx, server, targets, warmup=workload.setup(), rounds=[workload.round(0)], duration=None
+                )
             measured[i].append(result["targets"])
-            log(f"tune pass {p + 1} {config}: " + ", ".join(
-                f"{name} {t['rate']:.0f}/s p99 {t['p99_ms']} ms" for name, t in result["targets"].items()))
+            log(
+                f"tune pass {p + 1} {config}: "
+                + ", ".join(f"{name} {t['rate']:.0f}/s p99 {t['p99_ms']} ms" for name, t in result["targets"].items())
+            )
     rows, figures = [], []
     for i in order:
         fig = {"config": str(CANDIDATES[i])}
@@ -50,15 +60,37 @@ def run(ctx: Context) -> dict:
                 fig[name]["rates"] = [r["rate"] for r in runs]
                 fig[name]["failed_total"] = sum(r["failed_total"] for r in runs)
         figures.append(fig)
-        rows.append([fig["config"]] + [fig.get(n, {}).get(k) for n in ("pipeline", "minimal")
-                                       for k in ("rate", "p50_ms", "p99_ms", "failed_total", "other_cpu_pct")])
+        rows.append(
+            [fig["config"]]
+            + [
+                fig.get(n, {}).get(k)
+                for n in ("pipeline", "minimal")
+                for k in ("rate", "p50_ms", "p99_ms", "failed_total", "other_cpu_pct")
+            ]
+        )
     subject = "pipeline" if any("pipeline" in f for f in figures) else "minimal"
     ok = [f for f in figures if f.get(subject, {}).get("p99_ms", 1e9) < P99_GOAL_MS]
     best = max(ok or figures, key=lambda f: f.get(subject, {}).get("rate", 0))
-    md = (table(["gunicorn", "pipeline /s", "p50 ms", "p99 ms", "failed", "other CPU %",
-                 "minimal /s", "p50 ms", "p99 ms", "failed", "other CPU %"], rows)
-          + f"\n\nMedians over {opts['passes']} pass(es), {ctx.args.connections} connections. "
-          + f"Highest {subject} rate{f' with p99 < {P99_GOAL_MS:.0f} ms' if ok else ' (none had p99 < 50 ms)'}: "
-          + f"**{best['config']}** (default now: {ctx.gunicorn}). \"Other CPU\" is what the rest of the "
-          + "machine used meanwhile (of 200% on 2 cores): high values mean the figures are noise-bound.\n")
+    md = (
+        table(
+            [
+                "gunicorn",
+                "pipeline /s",
+                "p50 ms",
+                "p99 ms",
+                "failed",
+                "other CPU %",
+                "minimal /s",
+                "p50 ms",
+                "p99 ms",
+                "failed",
+                "other CPU %",
+            ],
+            rows,
+        )
+        + f"\n\nMedians over {opts['passes']} pass(es), {ctx.args.connections} connections. "
+        + f"Highest {subject} rate{f' with p99 < {P99_GOAL_MS:.0f} ms' if ok else ' (none had p99 < 50 ms)'}: "
+        + f'**{best["config"]}** (default now: {ctx.gunicorn}). "Other CPU" is what the rest of the '
+        + "machine used meanwhile (of 200% on 2 cores): high values mean the figures are noise-bound.\n"
+    )
     return {"options": opts, "candidates": figures, "best": best["config"], "markdown": md}

@@ -4,6 +4,7 @@ The app's URLconf is included only if it imports: while the pipeline is being wr
 broken import must not take the baselines down with it. The harness then finds the webhook
 URL answering 404, reports the pipeline as unavailable and shows this warning from the log.
 """
+
 import logging
 
 from django.urls import include, path

@@ -10,16 +10,16 @@ Round r continues the same subscriptions' history, with new event ids.
 Goals (at 8 connections): the pipeline handles at least 70% of the minimal baseline's rate,
 with p99 below 50 ms, and answers 2xx to every request.
 """
+
 from __future__ import annotations
 
 import time
 
-from billing.simulation.delivery import encode
-from billing.simulation.objects import event_object, subscription_object
-
 from bench.core import RESULTS, Context, log
 from bench.server import serve
 from bench.targets import TARGETS, Batch, available_targets, compare, verdict
+from billing.simulation.delivery import encode
+from billing.simulation.objects import event_object, subscription_object
 
 FULL = {"subscriptions": 2000, "updates": 3, "rounds": 3, "duration": 120.0}
 QUICK = {"subscriptions": 150, "updates": 2, "rounds": 1, "duration": 15.0}
@@ -36,8 +36,12 @@ class Workload:
     def subscription(self, i: int, n: int) -> dict:
         """Subscription ``i`` after its ``n``-th change (0: as created): the seats cycle 1..5."""
         return subscription_object(
-            id=f"sub_bench{self.tag}{i:06d}", customer=f"cus_bench{self.tag}{i:06d}", status="active",
-            quantity=1 + n % 5, current_period_start=self.start, current_period_end=self.start + 30 * 86400,
+            id=f"sub_bench{self.tag}{i:06d}",
+            customer=f"cus_bench{self.tag}{i:06d}",
+            status="active",
+            quantity=1 + n % 5,
+            current_period_start=self.start,
+            current_period_end=self.start + 30 * 86400,
             created=self.start,
         )
 
@@ -49,7 +53,9 @@ class Workload:
             previous = {key: value for key, value in before.items() if after.get(key) != value}
         return event_object(
             type="customer.subscription.updated" if n else "customer.subscription.created",
-            obj=after, created=self.start + 60 * n, id=f"evt_bench{self.tag}{i:06d}n{n:04d}",
+            obj=after,
+            created=self.start + 60 * n,
+            id=f"evt_bench{self.tag}{i:06d}n{n:04d}",
             previous_attributes=previous,
         )
 
@@ -82,7 +88,12 @@ def run(ctx: Context) -> dict:
     log(f"webhook: {opts}, {ctx.args.connections} connections, gunicorn {ctx.gunicorn}")
     with serve(ctx.gunicorn, RESULTS / "gunicorn-webhook.log.tmp") as server:
         targets, missing = available_targets(ctx, server, TARGETS)
-        result = compare(ctx, server, targets, warmup=workload.setup(), duration=opts["duration"],
-                         rounds=(workload.round(r) for r in range(opts["rounds"])))
-    return {"options": opts, "unavailable": missing, **result,
-            **verdict(ctx, result, missing, rate_goal=RATE_GOAL)}
+        result = compare(
+            ctx,
+            server,
+            targets,
+            warmup=workload.setup(),
+            duration=opts["duration"],
+            rounds=(workload.round(r) for r in range(opts["rounds"])),
+        )
+    return {"options": opts, "unavailable": missing, **result, **verdict(ctx, result, missing, rate_goal=RATE_GOAL)}

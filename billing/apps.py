@@ -1,3 +1,5 @@
+import functools
+
 from django.apps import AppConfig
 
 
@@ -21,14 +23,13 @@ def _cache_history_manager_classes():
     written: 0.4 ms of every webhook that saves a row, by profile. The class it builds depends
     only on the two classes, so it is cached; behaviour is unchanged.
     """
-    from functools import lru_cache
 
     from simple_history import models as history_models
 
     if getattr(history_models.HistoryDescriptor, "_billing_cached", False):
         return
 
-    @lru_cache(maxsize=None)
+    @functools.cache
     def manager_class(manager, queryset):
         return manager.from_queryset(queryset)
 

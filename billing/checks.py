@@ -1,4 +1,5 @@
 """System checks: a handler that cannot run must fail ``manage.py check``, not a webhook."""
+
 from django.core import checks
 
 from .webhook import registry

@@ -8,9 +8,10 @@ Every message has a plain-text body and an HTML alternative rendered from
 ``billing/templates/billing/email/<kind>.{txt,html}``. The HTML templates autoescape; the text
 templates turn autoescaping off, since plain text has nothing to escape.
 """
+
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives
@@ -28,7 +29,7 @@ class NoRecipient(Exception):
 
 def long_date(value: datetime) -> str:
     """``"March 5, 2026"``: the UTC date, whatever timezone is active (Stripe's times are UTC)."""
-    utc = value.astimezone(timezone.utc)
+    utc = value.astimezone(UTC)
     return f"{utc:%B} {utc.day}, {utc.year}"
 
 

@@ -8,11 +8,12 @@ time winning a tie. See docs/decisions/0001-invoice-to-renewal-matching.rst.
 These functions are pure: they take candidates and answer, so the data migration (frozen
 models) and the command (bulk SQL) can use them on rows they loaded their own way.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -77,5 +78,5 @@ def decide_link(
 
 def utc_day(instant: datetime) -> tuple[datetime, datetime]:
     """[start, end) of ``instant``'s UTC calendar date: "the same UTC date" as a range an index can use."""
-    start = instant.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    start = instant.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     return start, start + timedelta(days=1)

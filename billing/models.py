@@ -4,6 +4,7 @@ Every mirrored row remembers the Stripe ``created`` time of the event that last 
 (``last_event_created``): an older snapshot never overwrites a newer one, whatever order
 Stripe delivers them in. See docs/decisions/0002-inbox-and-ordering.rst.
 """
+
 from django.db import models
 from simple_history.models import HistoricalRecords
 
@@ -17,8 +18,7 @@ class MirrorFields(models.Model):
     last_event_created = models.DateTimeField(
         null=True,
         blank=True,
-        help_text="Stripe's `created` of the event whose snapshot last wrote this row; "
-        "older snapshots are ignored.",
+        help_text="Stripe's `created` of the event whose snapshot last wrote this row; older snapshots are ignored.",
     )
     last_event_id = models.CharField(max_length=255, blank=True, help_text="The event that last wrote this row.")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -106,7 +106,9 @@ class Invoice(MirrorFields):
     hosted_invoice_url = models.URLField(max_length=1000, blank=True)
     invoice_pdf = models.URLField(max_length=1000, blank=True)
     period_start = models.DateTimeField(
-        null=True, blank=True, help_text="Service period of the invoice's subscription line (not Stripe's invoice period)."
+        null=True,
+        blank=True,
+        help_text="Service period of the invoice's subscription line (not Stripe's invoice period).",
     )
     period_end = models.DateTimeField(null=True, blank=True)
     line_quantity = models.PositiveIntegerField(
@@ -163,9 +165,7 @@ class Renewal(models.Model):
     """
 
     # No index of its own: uniq_renewal_effective_date's index starts with subscription_id.
-    subscription = models.ForeignKey(
-        Subscription, on_delete=models.CASCADE, related_name="renewals", db_index=False
-    )
+    subscription = models.ForeignKey(Subscription, on_delete=models.CASCADE, related_name="renewals", db_index=False)
     effective_date = models.DateTimeField(
         null=True,
         blank=True,
@@ -203,7 +203,11 @@ class Renewal(models.Model):
         ]
 
     def __str__(self):
-        return f"renewal of {self.subscription_id} at {self.effective_date:%Y-%m-%d %H:%M}" if self.effective_date else f"renewal of {self.subscription_id}"
+        return (
+            f"renewal of {self.subscription_id} at {self.effective_date:%Y-%m-%d %H:%M}"
+            if self.effective_date
+            else f"renewal of {self.subscription_id}"
+        )
 
 
 class StripeEvent(models.Model):

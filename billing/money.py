@@ -4,6 +4,7 @@ Stripe gives every amount as an integer in the currency's minor unit, and that u
 always a hundredth: ``1200`` is 12.00 USD but 1,200 JPY, and 1.200 KWD.
 See https://docs.stripe.com/currencies#zero-decimal and #three-decimal.
 """
+
 from decimal import Decimal
 
 # Stripe's zero-decimal currencies: the amount is already in whole units.

@@ -17,6 +17,7 @@ broker. Ids still waiting when the process ends are published at exit; if the pr
 killed, the sweep sends them, as for any lost task. Without a broker the task runs in the
 request after commit, as before.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -35,9 +36,8 @@ logger = logging.getLogger(__name__)
 
 def owe_email(kind: str, *, key: str, account, invoice=None, subscription=None) -> OwedEmail | None:
     """Record that ``kind`` is owed (once per ``key``); send it after commit. None if already owed."""
-    from .tasks import send_owed_email
-
     from . import sql
+    from .tasks import send_owed_email
 
     owed = OwedEmail(key=key, kind=kind, account=account, invoice=invoice, subscription=subscription)
     if not sql.create_with_history(owed, reason=None, unless_exists=["key"]):

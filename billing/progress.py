@@ -3,6 +3,7 @@
 CI logs and cron mails get a plain line every ``every_seconds`` instead of carriage-return
 noise; a person at a terminal gets tqdm.
 """
+
 from __future__ import annotations
 
 import sys
@@ -49,7 +50,7 @@ class Progress:
             self.stream.write(self.line() + " done\n")
             self.stream.flush()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -89,8 +89,10 @@ def locked_account(customer_id: str) -> Account | None:
     Every writer of a customer's rows takes this lock first (``billing.services.locks``).
     """
     lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
-    row = _fetch(f"SELECT {_columns(Account)} FROM {_qn(Account._meta.db_table)} WHERE stripe_customer_id = %s{lock}",
-                 [customer_id])
+    row = _fetch(
+        f"SELECT {_columns(Account)} FROM {_qn(Account._meta.db_table)} WHERE stripe_customer_id = %s{lock}",
+        [customer_id],
+    )
     return _instance(Account, row) if row else None
 
 
@@ -98,8 +100,9 @@ def subscription(stripe_id: str):
     """The mirrored subscription ``stripe_id`` (``sub_...``), or None."""
     from .models import Subscription
 
-    row = _fetch(f"SELECT {_columns(Subscription)} FROM {_qn(Subscription._meta.db_table)} WHERE stripe_id = %s",
-                 [stripe_id])
+    row = _fetch(
+        f"SELECT {_columns(Subscription)} FROM {_qn(Subscription._meta.db_table)} WHERE stripe_id = %s", [stripe_id]
+    )
     return _instance(Subscription, row) if row else None
 
 
@@ -268,14 +271,18 @@ def plan_renewal(renewal) -> bool:
 
     start, end = (_value(t) for t in utc_day(renewal.effective_date))
     renewals, invoices = _qn(Renewal._meta.db_table), _qn(Invoice._meta.db_table)
-    same_day = f"SELECT 1 FROM {renewals} r WHERE r.subscription_id = %s AND r.effective_date >= %s AND r.effective_date < %s"
+    same_day = (
+        f"SELECT 1 FROM {renewals} r WHERE r.subscription_id = %s AND r.effective_date >= %s AND r.effective_date < %s"
+    )
     waiting = (
         f"SELECT 1 FROM {invoices} i WHERE i.subscription_id = %s AND i.period_start >= %s AND i.period_start < %s"
         f" AND NOT EXISTS (SELECT 1 FROM {renewals} lr WHERE lr.stripe_invoice_id = i.stripe_id)"
     )
     day = [renewal.subscription_id, start, end]
     where = (f"NOT EXISTS ({same_day}) AND NOT EXISTS ({waiting})", [*day, *day])
-    return bool(create_many_with_history([renewal], reason=None, unless_exists=("subscription", "effective_date"), where=where))
+    return bool(
+        create_many_with_history([renewal], reason=None, unless_exists=("subscription", "effective_date"), where=where)
+    )
 
 
 def relink_renewal_entitlements(subscription, processing: tuple | None = None) -> None:
@@ -311,8 +318,17 @@ def relink_renewal_entitlements(subscription, processing: tuple | None = None) -
         f" WHERE subscription_id = %s AND (id = %s OR (processed_at IS NOT NULL AND"
         f" (COALESCE(from_entitlement_id, 0) <> COALESCE({window_before}, 0)"
         f" OR COALESCE(to_entitlement_id, 0) <> COALESCE({window_started}, 0))))",
-        [*before_params, *started_params, renewal_id, processed_at, now, subscription.pk, renewal_id,
-         *before_params, *started_params],
+        [
+            *before_params,
+            *started_params,
+            renewal_id,
+            processed_at,
+            now,
+            subscription.pk,
+            renewal_id,
+            *before_params,
+            *started_params,
+        ],
         "~",
         reason_sql=("CASE WHEN id = %s THEN %s END", [renewal_id, reason[:100] if reason else None]),
     )
@@ -341,8 +357,14 @@ def _tracked_columns(model) -> str:
     return ", ".join(_qn(f.column) for f in model.history.model._meta.concrete_fields if f.column in own)
 
 
-def _write_with_history(model, write: str, params: list, history_type: str, reason: str | None = None,
-                        reason_sql: tuple[str, list] | None = None) -> list:
+def _write_with_history(
+    model,
+    write: str,
+    params: list,
+    history_type: str,
+    reason: str | None = None,
+    reason_sql: tuple[str, list] | None = None,
+) -> list:
     """Run ``write`` (an INSERT or UPDATE) and record a history row per row written; their pks.
 
     ``reason_sql`` (SQL over the written row's columns, its parameters) gives each row its own

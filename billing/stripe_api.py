@@ -3,6 +3,7 @@
 stripe-python's ``StripeClient`` is configured from settings; ``STRIPE_API_BASE`` only changes
 in tests and offline demos, where a local server answers in Stripe's shape.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -18,9 +18,10 @@ Snapshots are named tuples (``NamedTuple``): immutable like frozen dataclasses, 
 faster (a frozen dataclass sets each field through ``object.__setattr__``); every webhook
 builds a few, and the renewal backfill one per stored invoice event.
 """
+
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 
@@ -28,7 +29,7 @@ class PayloadError(ValueError):
     """The payload lacks something this app needs; the event fails with this message."""
 
 
-_UTC = timezone.utc
+_UTC = UTC
 
 
 def ts(value: Any) -> datetime | None:
@@ -69,12 +70,12 @@ class Event(NamedTuple):
     previous_attributes: dict
 
     @classmethod
-    def from_payload(cls, payload: dict) -> "Event":
+    def from_payload(cls, payload: dict) -> Event:
         data = payload.get("data") or {}
         return cls(
             id=payload["id"],
             type=payload["type"],
-            created=ts(payload.get("created")) or datetime.now(timezone.utc),
+            created=ts(payload.get("created")) or datetime.now(UTC),
             api_version=payload.get("api_version") or "",
             livemode=bool(payload.get("livemode")),
             obj=data.get("object") or {},

@@ -23,6 +23,7 @@ attempts the row is ``failed`` for staff to look at, so a dead address does not 
 
 Logs carry ids, kinds and exception types only: never addresses or message bodies.
 """
+
 from __future__ import annotations
 
 import logging
@@ -224,9 +225,9 @@ def resolve_payment_invoice(self, payment_intent_id: str) -> str | None:
     import stripe
 
     from . import stripe_api
+    from .models import Payment
     from .services.locks import lock_invoice
     from .services.payments import recompute_refunded
-    from .models import Payment
 
     if not settings.STRIPE_API_KEY:
         return None
@@ -236,7 +237,7 @@ def resolve_payment_invoice(self, payment_intent_id: str) -> str | None:
         if settings.CELERY_TASK_ALWAYS_EAGER:
             logger.warning("could not ask Stripe for the invoice of %s: %s", payment_intent_id, type(exc).__name__)
             return None
-        raise self.retry(exc=exc)
+        raise self.retry(exc=exc) from exc
     if not invoice_id:
         return None
     with transaction.atomic():

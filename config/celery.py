@@ -4,6 +4,7 @@ With ``CELERY_BROKER_URL`` unset, tasks run eagerly in the web process; callers 
 with ``transaction.on_commit`` so that "eagerly" still means "after the commit that asked for
 them". With a broker set (e.g. ``redis://127.0.0.1:6379/0``) a real worker runs them.
 """
+
 import os
 
 from celery import Celery

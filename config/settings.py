@@ -4,6 +4,7 @@ Every setting that an operator may change is listed in README.rst. Defaults are 
 ``make run`` works on a fresh machine (SQLite, no broker, e-mail to the console) and so that
 production must opt in to nothing unsafe: DEBUG is off unless ``DJANGO_DEBUG`` says otherwise.
 """
+
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -77,7 +78,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Server-side binding lets psycopg prepare the statements every event repeats (after
     # ``prepare_threshold`` uses), so PostgreSQL parses and plans them once per connection.
     DATABASES["default"].setdefault("OPTIONS", {})
-    DATABASES["default"]["OPTIONS"].setdefault("server_side_binding", env.bool("DJANGO_DB_SERVER_SIDE_BINDING", default=True))
+    DATABASES["default"]["OPTIONS"].setdefault(
+        "server_side_binding", env.bool("DJANGO_DB_SERVER_SIDE_BINDING", default=True)
+    )
     DATABASES["default"]["OPTIONS"].setdefault("prepare_threshold", env.int("DJANGO_DB_PREPARE_THRESHOLD", default=5))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

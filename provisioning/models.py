@@ -4,6 +4,7 @@ The SaaS asks this app one question, through ``provisioning.selectors``: what ma
 use right now (kind, seats, until when)? Entitlements answer it; billing handlers create and
 adjust them through ``provisioning.services`` and nothing else writes them.
 """
+
 from django.conf import settings
 from django.db import models
 from simple_history.models import HistoricalRecords

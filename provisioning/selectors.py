@@ -4,6 +4,7 @@ The rule for "the entitlement in force" lives here once (``in_force``): paid bef
 then most seats, then the latest start. The admin annotates lists of accounts with the same
 queryset instead of restating it.
 """
+
 from __future__ import annotations
 
 from datetime import datetime

@@ -11,9 +11,22 @@ class InvoiceSerializer(serializers.ModelSerializer):
     class Meta:
         model = Invoice
         fields = [
-            "id", "number", "status", "billing_reason", "currency", "total", "amount_due", "amount_paid",
-            "amount_remaining", "amount_refunded", "period_start", "period_end", "paid_at", "created",
-            "hosted_invoice_url", "invoice_pdf",
+            "id",
+            "number",
+            "status",
+            "billing_reason",
+            "currency",
+            "total",
+            "amount_due",
+            "amount_paid",
+            "amount_remaining",
+            "amount_refunded",
+            "period_start",
+            "period_end",
+            "paid_at",
+            "created",
+            "hosted_invoice_url",
+            "invoice_pdf",
         ]
 
 
@@ -30,8 +43,16 @@ class SubscriptionSerializer(serializers.ModelSerializer):
     class Meta:
         model = Subscription
         fields = [
-            "id", "status", "quantity", "current_period_start", "current_period_end", "trial_end",
-            "cancel_at_period_end", "canceled_at", "ended_at", "entitlement",
+            "id",
+            "status",
+            "quantity",
+            "current_period_start",
+            "current_period_end",
+            "trial_end",
+            "cancel_at_period_end",
+            "canceled_at",
+            "ended_at",
+            "entitlement",
         ]
 
     def get_entitlement(self, obj) -> EntitlementSerializer(allow_null=True):  # type: ignore[valid-type]

@@ -3,6 +3,7 @@
 Only owners and admins of an account see its billing. A user who administers several accounts
 names one with ``?account=<id>``.
 """
+
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics

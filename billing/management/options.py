@@ -1,5 +1,6 @@
 """Argument parsing shared by the billing management commands."""
-from datetime import datetime, timezone
+
+from datetime import UTC, datetime
 
 from django.core.management.base import CommandError
 from django.utils.dateparse import parse_date, parse_datetime
@@ -13,4 +14,4 @@ def parse_since(value: str) -> datetime:
         if day is None:
             raise CommandError(f"--since: {value!r} is not a date (YYYY-MM-DD) or datetime")
         moment = datetime(day.year, day.month, day.day)
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

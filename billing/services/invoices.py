@@ -112,20 +112,20 @@ def _write_lines(invoice: Invoice, snap: InvoiceSnapshot, *, new: bool) -> None:
         line._change_reason = "invoice snapshot"
         line.delete()
     rows = [
-            InvoiceLineItem(
-                invoice=invoice,
-                stripe_id=line.stripe_id,
-                description=line.description[:10000],
-                currency=line.currency,
-                amount=line.amount,
-                quantity=line.quantity,
-                period_start=line.period_start,
-                period_end=line.period_end,
-                parent_type=line.parent_type,
-                stripe_subscription_id=line.subscription_id,
-                price_id=line.price_id,
-                proration=line.proration,
-            )
+        InvoiceLineItem(
+            invoice=invoice,
+            stripe_id=line.stripe_id,
+            description=line.description[:10000],
+            currency=line.currency,
+            amount=line.amount,
+            quantity=line.quantity,
+            period_start=line.period_start,
+            period_end=line.period_end,
+            parent_type=line.parent_type,
+            stripe_subscription_id=line.subscription_id,
+            price_id=line.price_id,
+            proration=line.proration,
+        )
         for line in snap.lines
     ]
     sql.create_many_with_history(rows, reason="invoice snapshot")

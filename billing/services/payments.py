@@ -35,7 +35,9 @@ def record_invoice_payment(event: Event) -> None:
         lock_invoice(snap.invoice_id)  # then look for the invoice: one committed meanwhile is seen
         invoice_id = Invoice.objects.filter(stripe_id=snap.invoice_id).values_list("id", flat=True).first()
     payment, created = get_or_create_locked(
-        Payment, {"payment_intent_id": snap.payment_intent_id}, {"stripe_invoice_id": snap.invoice_id, "invoice_id": invoice_id}
+        Payment,
+        {"payment_intent_id": snap.payment_intent_id},
+        {"stripe_invoice_id": snap.invoice_id, "invoice_id": invoice_id},
     )
     if created and not Refund.objects.filter(payment_intent_id=snap.payment_intent_id).exists():
         # Nothing of it is refunded yet: its invoice's refunded amount cannot change. A refund

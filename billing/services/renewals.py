@@ -66,7 +66,11 @@ def link_invoice_to_renewal(
         return None
     if linked is not None and linked.subscription_id == invoice.subscription_id:
         return linked
-    if exact is not None and exact.subscription_id == invoice.subscription_id and exact.effective_date == invoice.period_start:
+    if (
+        exact is not None
+        and exact.subscription_id == invoice.subscription_id
+        and exact.effective_date == invoice.period_start
+    ):
         candidates = [exact]
     else:
         start, end = matching.utc_day(invoice.period_start)

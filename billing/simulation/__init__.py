@@ -5,6 +5,7 @@ Stripe sends over a customer's life, ``delivery`` signs and posts them as Stripe
 sender does. The ``simulate_stripe_events`` management command puts the three together; tests
 use the same functions, so one body of code says what a Stripe payload looks like.
 """
+
 from .objects import API_VERSION
 
 __all__ = ["API_VERSION"]

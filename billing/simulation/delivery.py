@@ -5,6 +5,7 @@ not a 2xx (https://docs.stripe.com/webhooks#retries). ``arrange`` makes the orde
 duplicates; ``deliver`` makes the retries: an event that failed is sent again only after the
 rest of its round, as Stripe's retry comes after the other traffic of the moment.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -108,8 +109,9 @@ class _Connection:
             except (http.client.HTTPException, OSError) as exc:
                 self.close()
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                if attempt == 2 or not isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError,
-                                                        BrokenPipeError)):
+                if attempt == 2 or not isinstance(
+                    exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+                ):
                     return None
         return None
 
@@ -146,8 +148,11 @@ def deliver(
             failed = []
             for event in pending:
                 body = encode(event)
-                headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-                           "Stripe-Signature": sign(body, secret)}
+                headers = {
+                    "Content-Type": "application/json",
+                    "User-Agent": USER_AGENT,
+                    "Stripe-Signature": sign(body, secret),
+                }
                 status = connection.post(body, headers)
                 report.sent += 1
                 report.retried += round_number > 1

@@ -18,6 +18,7 @@ Event sets follow Stripe's own descriptions:
 * failed renewals make the subscription ``past_due`` until a retry succeeds:
   https://docs.stripe.com/billing/revenue-recovery/smart-retries
 """
+
 from __future__ import annotations
 
 import calendar
@@ -25,7 +26,7 @@ import copy
 import random
 import uuid
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .objects import (
     charge_object,
@@ -102,7 +103,7 @@ class Lifecycle:
 
 def add_months(anchor: int, months: int) -> int:
     """``anchor`` moved by whole calendar months, the day clamped to the month's last day."""
-    moment = datetime.fromtimestamp(anchor, tz=timezone.utc)
+    moment = datetime.fromtimestamp(anchor, tz=UTC)
     years, month_index = divmod(moment.month - 1 + months, 12)
     year, month = moment.year + years, month_index + 1
     day = min(moment.day, calendar.monthrange(year, month)[1])
@@ -111,7 +112,7 @@ def add_months(anchor: int, months: int) -> int:
 
 def default_start(seed: int) -> int:
     """A fixed instant in the first half of 2026, the same for the same seed."""
-    jan_2026 = int(datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp())
+    jan_2026 = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp())
     return jan_2026 + random.Random(f"start:{seed}").randrange(180 * DAY)
 
 
@@ -144,9 +145,7 @@ def generate_lifecycles(
         reference = client_reference_ids[index] if checkout and index < len(client_reference_ids) else None
         story = _Story(rng, index=index, begin=start + rng.randrange(2 * DAY), checkout=checkout, reference=reference)
         _SCRIPTS[kind](story)
-        lifecycles.append(
-            Lifecycle(story.customer_id, kind, story.events, story.expected, story.email, story.name)
-        )
+        lifecycles.append(Lifecycle(story.customer_id, kind, story.events, story.expected, story.email, story.name))
     return lifecycles
 
 
@@ -199,14 +198,16 @@ class _Story:
 
     def create_customer(self):
         t = self.tick()
-        obj = customer_object(id=self.customer_id, created=t, email=self.email, name=self.name,
-                              invoice_prefix=self.invoice_prefix)
+        obj = customer_object(
+            id=self.customer_id, created=t, email=self.email, name=self.name, invoice_prefix=self.invoice_prefix
+        )
         self.emit("customer.created", obj, t, api_call=True)
 
     def save_card(self):
         t = self.tick(self.last + self.rng.randint(20, 90))
-        obj = setup_intent_object(id=new_id("seti", self.rng), customer=self.customer_id,
-                                  payment_method=self.payment_method, created=t)
+        obj = setup_intent_object(
+            id=new_id("seti", self.rng), customer=self.customer_id, payment_method=self.payment_method, created=t
+        )
         self.emit("setup_intent.succeeded", obj, t)
 
     def subscription(self) -> dict:
@@ -226,8 +227,13 @@ class _Story:
         )
         if trial:
             trial_end = t + TRIAL_DAYS * DAY
-            self.sub.update(status="trialing", trial_start=t, trial_end=trial_end,
-                            current_period_start=t, current_period_end=trial_end)
+            self.sub.update(
+                status="trialing",
+                trial_start=t,
+                trial_end=trial_end,
+                current_period_start=t,
+                current_period_end=trial_end,
+            )
             self.expected.trial = (t, trial_end)
         else:
             # Not active until its first invoice is paid (https://docs.stripe.com/billing/subscriptions/overview).
@@ -326,13 +332,32 @@ class _Story:
             retry_at = t + self.rng.randint(1, 3) * DAY + self.rng.randrange(3600)
         payment_intent, charge = new_id("pi", self.rng), new_id("ch", self.rng)
         t = charged_at = self.tick(retry_at if retry_at else self.last + self.rng.randint(2, 30))
-        self.emit("charge.succeeded", charge_object(id=charge, customer=self.customer_id, payment_intent=payment_intent,
-                                                    amount=total, currency=CURRENCY, created=t,
-                                                    payment_method=self.payment_method), t)
+        self.emit(
+            "charge.succeeded",
+            charge_object(
+                id=charge,
+                customer=self.customer_id,
+                payment_intent=payment_intent,
+                amount=total,
+                currency=CURRENCY,
+                created=t,
+                payment_method=self.payment_method,
+            ),
+            t,
+        )
         t = self.tick()
-        self.emit("invoice_payment.paid", invoice_payment_object(id=new_id("inpay", self.rng), invoice=invoice["id"],
-                                                                 payment_intent=payment_intent, amount_paid=total,
-                                                                 currency=CURRENCY, created=t), t)
+        self.emit(
+            "invoice_payment.paid",
+            invoice_payment_object(
+                id=new_id("inpay", self.rng),
+                invoice=invoice["id"],
+                payment_intent=payment_intent,
+                amount_paid=total,
+                currency=CURRENCY,
+                created=t,
+            ),
+            t,
+        )
         t = self.tick()
         invoice.update(status="paid", paid_at=t, attempt_count=invoice.get("attempt_count", 0) + 1)
         self.emit("invoice.paid", invoice_object(**invoice), t)
@@ -351,10 +376,13 @@ class _Story:
         pending, self.pending_lines = self.pending_lines, []
 
         def lines(invoice_id):
-            return [dict(line, invoice=invoice_id) for line in pending] + [self.subscription_line(invoice_id, start, end)]
+            return [dict(line, invoice=invoice_id) for line in pending] + [
+                self.subscription_line(invoice_id, start, end)
+            ]
 
-        invoice = self.create_invoice(at=start, billing_reason="subscription_cycle", lines=lines,
-                                      invoice_period=(previous_start, start))
+        invoice = self.create_invoice(
+            at=start, billing_reason="subscription_cycle", lines=lines, invoice_period=(previous_start, start)
+        )
         self.update_subscription(status="active", current_period_start=start, current_period_end=end)
         self.settle_invoice(invoice, finalize_after=DRAFT_HOURS, fail_first=fail_first)
         quantity = self.sub["quantity"]
@@ -367,12 +395,22 @@ class _Story:
         old = self.sub["quantity"]
         remaining = (end - t) / (end - start)
         for seats, sign, words in ((old, -1, "Unused time on"), (quantity, 1, "Remaining time on")):
-            self.pending_lines.append(invoice_line_object(
-                id=new_id("il", self.rng), invoice="", amount=sign * round(UNIT_AMOUNT * seats * remaining),
-                currency=CURRENCY, quantity=seats, period_start=t, period_end=end, subscription=self.sub["id"],
-                price=PRICE, proration=True, invoice_item=new_id("ii", self.rng),
-                description=f"{words} {seats} × Standard after {datetime.fromtimestamp(t, tz=timezone.utc):%d %b %Y}",
-            ))
+            self.pending_lines.append(
+                invoice_line_object(
+                    id=new_id("il", self.rng),
+                    invoice="",
+                    amount=sign * round(UNIT_AMOUNT * seats * remaining),
+                    currency=CURRENCY,
+                    quantity=seats,
+                    period_start=t,
+                    period_end=end,
+                    subscription=self.sub["id"],
+                    price=PRICE,
+                    proration=True,
+                    invoice_item=new_id("ii", self.rng),
+                    description=f"{words} {seats} × Standard after {datetime.fromtimestamp(t, tz=UTC):%d %b %Y}",
+                )
+            )
         self.update_subscription(t, api_call=True, quantity=quantity)
         paid = self.expected.paid_periods
         if paid and paid[-1].start <= t < paid[-1].end:
@@ -459,21 +497,49 @@ def _one_off_refund(story: _Story):
     amount = story.rng.randint(5, 50) * 1000
 
     def lines(invoice_id):
-        return [invoice_line_object(id=new_id("il", story.rng), invoice=invoice_id, amount=amount, currency=CURRENCY,
-                                    period_start=story.last, period_end=story.last,
-                                    description="Onboarding workshop")]
+        return [
+            invoice_line_object(
+                id=new_id("il", story.rng),
+                invoice=invoice_id,
+                amount=amount,
+                currency=CURRENCY,
+                period_start=story.last,
+                period_end=story.last,
+                description="Onboarding workshop",
+            )
+        ]
 
-    invoice = story.create_invoice(at=story.last + story.rng.randint(60, 3600), billing_reason="manual",
-                                   lines=lines, api_call=True)
-    payment_intent, charge, charged_at = story.settle_invoice(invoice, finalize_after=story.rng.randint(60, 900), api_call=True)
+    invoice = story.create_invoice(
+        at=story.last + story.rng.randint(60, 3600), billing_reason="manual", lines=lines, api_call=True
+    )
+    payment_intent, charge, charged_at = story.settle_invoice(
+        invoice, finalize_after=story.rng.randint(60, 900), api_call=True
+    )
     refund = story.rng.randint(1, amount // 100 - 1) * 100
     t = story.tick(story.last + story.rng.randint(1, 10) * DAY)
-    story.emit("charge.refunded", charge_object(id=charge, customer=story.customer_id, payment_intent=payment_intent,
-                                                amount=amount, amount_refunded=refund, currency=CURRENCY,
-                                                created=charged_at, payment_method=story.payment_method),
-               t, previous={"amount_refunded": 0})
-    refund_obj = refund_object(id=new_id("re", story.rng), charge=charge, payment_intent=payment_intent,
-                               amount=refund, currency=CURRENCY, created=t)
+    story.emit(
+        "charge.refunded",
+        charge_object(
+            id=charge,
+            customer=story.customer_id,
+            payment_intent=payment_intent,
+            amount=amount,
+            amount_refunded=refund,
+            currency=CURRENCY,
+            created=charged_at,
+            payment_method=story.payment_method,
+        ),
+        t,
+        previous={"amount_refunded": 0},
+    )
+    refund_obj = refund_object(
+        id=new_id("re", story.rng),
+        charge=charge,
+        payment_intent=payment_intent,
+        amount=refund,
+        currency=CURRENCY,
+        created=t,
+    )
     story.emit("refund.created", refund_obj, story.tick(), api_call=True)
     story.expected.refunded[invoice["id"]] = refund
 

@@ -24,6 +24,7 @@ Layout rules, with where they come from:
 The functions are pure: the same arguments give the same dict. Ids are the caller's; use
 ``new_id`` with a seeded ``random.Random`` for reproducible runs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -344,7 +345,13 @@ def invoice_object(
         "attempt_count": attempt_count,
         "attempted": attempt_count > 0 or status == "paid",
         "auto_advance": status in ("draft", "open"),
-        "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None, "provider": None, "status": None},
+        "automatic_tax": {
+            "disabled_reason": None,
+            "enabled": False,
+            "liability": None,
+            "provider": None,
+            "status": None,
+        },
         # Stripe finalizes an automatically collected draft about an hour after creating it.
         "automatically_finalizes_at": created + 3600 if status == "draft" else None,
         "billing_reason": billing_reason,
@@ -482,9 +489,9 @@ def event_object(
 # Payments, refunds, disputes, checkout and setup live in their own module; named here too.
 from .payment_objects import (  # noqa: E402
     charge_object,  # noqa: F401
-    refund_object,  # noqa: F401
-    dispute_object,  # noqa: F401
     checkout_session_object,  # noqa: F401
-    setup_intent_object,  # noqa: F401
     customer_object,  # noqa: F401
+    dispute_object,  # noqa: F401
+    refund_object,  # noqa: F401
+    setup_intent_object,  # noqa: F401
 )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from .objects import _derived
 
-
 # --- Payments, refunds, checkout, setup ------------------------------------------------------------
 
 
@@ -63,8 +62,15 @@ def charge_object(
         "payment_intent": payment_intent,
         "payment_method": payment_method or _derived("pm", customer),
         "payment_method_details": {
-            "card": {"brand": "visa", "country": "US", "exp_month": 12, "exp_year": 2034, "funding": "credit",
-                     "last4": "4242", "network": "visa"},
+            "card": {
+                "brand": "visa",
+                "country": "US",
+                "exp_month": 12,
+                "exp_year": 2034,
+                "funding": "credit",
+                "last4": "4242",
+                "network": "visa",
+            },
             "type": "card",
         },
         "receipt_email": None,
@@ -238,8 +244,12 @@ def checkout_session_object(
         "created": created,
         "currency": currency,
         "custom_fields": [],
-        "custom_text": {"after_submit": None, "shipping_address": None, "submit": None,
-                        "terms_of_service_acceptance": None},
+        "custom_text": {
+            "after_submit": None,
+            "shipping_address": None,
+            "submit": None,
+            "terms_of_service_acceptance": None,
+        },
         "customer": customer,
         "customer_creation": "always",
         "customer_details": {
@@ -342,8 +352,12 @@ def customer_object(
         "discount": None,
         "email": email or None,
         "invoice_prefix": invoice_prefix or _derived("x", id, 8)[2:].upper(),
-        "invoice_settings": {"custom_fields": None, "default_payment_method": None, "footer": None,
-                             "rendering_options": None},
+        "invoice_settings": {
+            "custom_fields": None,
+            "default_payment_method": None,
+            "footer": None,
+            "rendering_options": None,
+        },
         "livemode": livemode,
         "metadata": {},
         "name": name or None,

@@ -7,10 +7,11 @@ and posted to the real URL; nothing in the signature check is patched. Payloads 
 The plain functions here (``deliver``, ``row_counts``, the event builders) are imported by
 ``provisioning/tests`` too; the fixtures wrap them for the tests in this package.
 """
+
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import stripe
@@ -26,11 +27,11 @@ TOLERANCE = 300
 
 DAY = 24 * 3600
 # A fixed story clock (Stripe's ``created`` of events); independent of the signing time.
-T0 = int(datetime(2026, 2, 2, 9, 30, tzinfo=timezone.utc).timestamp())
+T0 = int(datetime(2026, 2, 2, 9, 30, tzinfo=UTC).timestamp())
 
 
 def as_datetime(unix: int) -> datetime:
-    return datetime.fromtimestamp(unix, tz=timezone.utc)
+    return datetime.fromtimestamp(unix, tz=UTC)
 
 
 # --- Signing and posting ---------------------------------------------------------------------

@@ -4,6 +4,7 @@
 provisioned row, by Stripe ids and values, without primary keys or local timestamps (which
 differ between runs for reasons that do not matter).
 """
+
 from __future__ import annotations
 
 from billing.models import Invoice, InvoiceLineItem, OwedEmail, Payment, Refund, Renewal, StripeEvent, Subscription
@@ -29,8 +30,19 @@ def deliver_until_accepted(client, events, *, max_rounds: int = 12) -> dict:
 
 
 def clear_rows() -> None:
-    for model in (OwedEmail, Refund, Payment, Renewal, InvoiceLineItem, Invoice, Subscription, Entitlement,
-                  Membership, StripeEvent, Account):
+    for model in (
+        OwedEmail,
+        Refund,
+        Payment,
+        Renewal,
+        InvoiceLineItem,
+        Invoice,
+        Subscription,
+        Entitlement,
+        Membership,
+        StripeEvent,
+        Account,
+    ):
         model.objects.all().delete()
         history = getattr(model, "history", None)
         if history is not None:
@@ -50,37 +62,82 @@ def snapshot() -> dict:
         ),
         "subscriptions": sorted(
             (
-                s.stripe_id, s.account.stripe_customer_id, s.status, s.quantity, s.current_period_start,
-                s.current_period_end, s.trial_start, s.trial_end, s.cancel_at_period_end, s.canceled_at, s.ended_at,
+                s.stripe_id,
+                s.account.stripe_customer_id,
+                s.status,
+                s.quantity,
+                s.current_period_start,
+                s.current_period_end,
+                s.trial_start,
+                s.trial_end,
+                s.cancel_at_period_end,
+                s.canceled_at,
+                s.ended_at,
             )
             for s in Subscription.objects.select_related("account")
         ),
         "invoices": sorted(
             (
-                i.stripe_id, i.account.stripe_customer_id, i.subscription.stripe_id if i.subscription else None,
-                i.number, i.status, i.billing_reason, i.currency, i.total, i.amount_due, i.amount_paid,
-                i.amount_remaining, i.amount_refunded, i.period_start, i.period_end, i.paid_at, i.hosted_invoice_url,
+                i.stripe_id,
+                i.account.stripe_customer_id,
+                i.subscription.stripe_id if i.subscription else None,
+                i.number,
+                i.status,
+                i.billing_reason,
+                i.currency,
+                i.total,
+                i.amount_due,
+                i.amount_paid,
+                i.amount_remaining,
+                i.amount_refunded,
+                i.period_start,
+                i.period_end,
+                i.paid_at,
+                i.hosted_invoice_url,
             )
             for i in Invoice.objects.select_related("account", "subscription")
         ),
         "lines": sorted(
-            (l.invoice.stripe_id, l.stripe_id, l.amount, l.quantity, l.period_start, l.period_end, l.proration)
-            for l in InvoiceLineItem.objects.select_related("invoice")
+            (
+                line.invoice.stripe_id,
+                line.stripe_id,
+                line.amount,
+                line.quantity,
+                line.period_start,
+                line.period_end,
+                line.proration,
+            )
+            for line in InvoiceLineItem.objects.select_related("invoice")
         ),
         "renewals": sorted(
             (
-                r.subscription.stripe_id, r.effective_date, r.stripe_invoice_id, r.processed_at is not None,
-                _entitlement_key(r.from_entitlement_id, entitlements), _entitlement_key(r.to_entitlement_id, entitlements),
+                r.subscription.stripe_id,
+                r.effective_date,
+                r.stripe_invoice_id,
+                r.processed_at is not None,
+                _entitlement_key(r.from_entitlement_id, entitlements),
+                _entitlement_key(r.to_entitlement_id, entitlements),
             )
             for r in Renewal.objects.select_related("subscription")
         ),
         "entitlements": sorted(
-            (e.account.stripe_customer_id, e.stripe_subscription_id, e.kind, e.seats, e.starts_at, e.expires_at,
-             e.stripe_invoice_id)
+            (
+                e.account.stripe_customer_id,
+                e.stripe_subscription_id,
+                e.kind,
+                e.seats,
+                e.starts_at,
+                e.expires_at,
+                e.stripe_invoice_id,
+            )
             for e in entitlements.values()
         ),
-        "owed_emails": sorted((o.key, o.kind, o.account.stripe_customer_id) for o in OwedEmail.objects.select_related("account")),
-        "receipts_sent": sorted(Invoice.objects.filter(receipt_sent_at__isnull=False).values_list("stripe_id", flat=True)),
+        "owed_emails": sorted(
+            (o.key, o.kind, o.account.stripe_customer_id) for o in OwedEmail.objects.select_related("account")
+        ),
+        "receipts_sent": sorted(
+            Invoice.objects.filter(receipt_sent_at__isnull=False).values_list("stripe_id", flat=True)
+        ),
         "payments": sorted(
             (p.payment_intent_id, p.invoice.stripe_id if p.invoice else None, p.charge_amount_refunded)
             for p in Payment.objects.select_related("invoice")

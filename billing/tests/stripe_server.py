@@ -4,6 +4,7 @@ Only the endpoints the app uses: ``GET /v1/events`` (list, newest first, ``creat
 ``types[]``, ``starting_after``, ``limit``) and ``GET /v1/invoice_payments``
 (``payment[payment_intent]``). Requests are recorded so tests can assert what was asked.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ class FakeStripe:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "FakeStripe":
+    def __enter__(self) -> FakeStripe:
         self._thread.start()
         return self
 
@@ -65,7 +66,9 @@ class FakeStripe:
                     pi = (query.get("payment[payment_intent]") or [""])[0]
                     data = [p for p in fake.invoice_payments if p["payment"].get("payment_intent") == pi]
                     return self._send(200, {"object": "list", "data": data, "has_more": False, "url": url.path})
-                return self._send(404, {"error": {"type": "invalid_request_error", "message": "Unrecognized request URL"}})
+                return self._send(
+                    404, {"error": {"type": "invalid_request_error", "message": "Unrecognized request URL"}}
+                )
 
         return Handler
 

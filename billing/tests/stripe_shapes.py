@@ -9,6 +9,7 @@ https://docs.stripe.com/api/expanding_objects).
 Nested Stripe objects are checked against their own resource when the fixture has no example
 of them at that place (null, a bare id, or another resource, as in an event's ``data.object``).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,14 @@ def key_problems(obj: dict, resource_name: str) -> list[str]:
         # Old values of the changed fields: keys of the same resource as data.object.
         nested = obj["data"]["object"].get("object")
         if isinstance(nested, str) and nested in FIXTURES:
-            _check_object(obj["data"]["previous_attributes"], FIXTURES[nested], nested,
-                          "event.data.previous_attributes", "", problems)
+            _check_object(
+                obj["data"]["previous_attributes"],
+                FIXTURES[nested],
+                nested,
+                "event.data.previous_attributes",
+                "",
+                problems,
+            )
     return problems
 
 

@@ -3,6 +3,7 @@
 Rows are made with the factories (``billing.tests.factories``): these tests are about the admin,
 not about webhooks.
 """
+
 import json
 from datetime import timedelta
 

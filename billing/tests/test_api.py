@@ -1,4 +1,5 @@
 """REST API: an account's owners and admins see its invoices and subscription, nobody else."""
+
 from datetime import timedelta
 
 import pytest
@@ -18,13 +19,31 @@ def world():
     now = timezone.now()
     mine = AccountFactory(name="Mine")
     theirs = AccountFactory(name="Theirs")
-    sub = SubscriptionFactory(stripe_id="sub_mine", account=mine, status="active", quantity=4,
-                              current_period_start=now - timedelta(days=3), current_period_end=now + timedelta(days=27))
-    EntitlementFactory(account=mine, kind="paid", seats=4, starts_at=now - timedelta(days=3),
-                       expires_at=now + timedelta(days=27), stripe_subscription_id="sub_mine")
+    sub = SubscriptionFactory(
+        stripe_id="sub_mine",
+        account=mine,
+        status="active",
+        quantity=4,
+        current_period_start=now - timedelta(days=3),
+        current_period_end=now + timedelta(days=27),
+    )
+    EntitlementFactory(
+        account=mine,
+        kind="paid",
+        seats=4,
+        starts_at=now - timedelta(days=3),
+        expires_at=now + timedelta(days=27),
+        stripe_subscription_id="sub_mine",
+    )
     for i, account in enumerate([mine, mine, theirs]):
-        InvoiceFactory(stripe_id=f"in_{i}", account=account, status="paid", currency="usd", total=1000 * (i + 1),
-                       stripe_created=now - timedelta(days=10 - i))
+        InvoiceFactory(
+            stripe_id=f"in_{i}",
+            account=account,
+            status="paid",
+            currency="usd",
+            total=1000 * (i + 1),
+            stripe_created=now - timedelta(days=10 - i),
+        )
     users = {role: MembershipFactory(account=mine, role=role).user for role in ("owner", "admin", "member")}
     return {"mine": mine, "theirs": theirs, "sub": sub, **users}
 

@@ -1,5 +1,6 @@
 """Operator commands: fetch_stripe_events (Events API via a local Stripe-shaped server) and
 reprocess_stripe_events. stripe-python makes real HTTP requests; nothing is patched."""
+
 import io
 import json
 import time

@@ -4,7 +4,8 @@ Rows are made with the factories (``billing.tests.factories``): these tests are 
 messages, not about webhooks (``test_tasks`` covers how they are owed and sent). The helpers here,
 which state the fields a message depends on, are shared with it.
 """
-from datetime import datetime, timezone
+
+from datetime import UTC, datetime
 
 import pytest
 from django.conf import settings
@@ -18,9 +19,9 @@ from provisioning.tests.factories import AccountFactory, MembershipFactory
 
 pytestmark = pytest.mark.django_db
 
-PERIOD_START = datetime(2026, 3, 1, tzinfo=timezone.utc)
-PERIOD_END = datetime(2026, 4, 1, tzinfo=timezone.utc)
-PAID_AT = datetime(2026, 3, 1, 0, 5, tzinfo=timezone.utc)
+PERIOD_START = datetime(2026, 3, 1, tzinfo=UTC)
+PERIOD_END = datetime(2026, 4, 1, tzinfo=UTC)
+PAID_AT = datetime(2026, 3, 1, 0, 5, tzinfo=UTC)
 
 
 def make_account(key: str = "acme", **fields) -> Account:
@@ -50,7 +51,7 @@ def make_trialing_subscription(account: Account, key: str = "trial", **fields) -
     values = {
         "status": Subscription.Status.TRIALING,
         "quantity": 3,
-        "trial_end": datetime(2026, 3, 5, tzinfo=timezone.utc),
+        "trial_end": datetime(2026, 3, 5, tzinfo=UTC),
     }
     return SubscriptionFactory(stripe_id=f"sub_{key}", account=account, **{**values, **fields})
 
@@ -117,7 +118,7 @@ def test_payment_failed_asks_to_update_the_payment_method_on_the_hosted_page():
 def test_trial_reminder_gives_the_utc_date_whatever_the_active_timezone():
     account = make_account(billing_email="billing@acme.example")
     # 02:00 UTC on March 6 is still March 5 in Los Angeles: the e-mail says March 6.
-    sub = make_trialing_subscription(account, trial_end=datetime(2026, 3, 6, 2, 0, tzinfo=timezone.utc))
+    sub = make_trialing_subscription(account, trial_end=datetime(2026, 3, 6, 2, 0, tzinfo=UTC))
     with django_timezone.override("America/Los_Angeles"):
         message = build_message(owed(OwedEmail.Kind.TRIAL_WILL_END, account=account, subscription=sub))
 

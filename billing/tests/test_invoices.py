@@ -1,8 +1,8 @@
 """Invoices and renewals: the orders Stripe really uses, and the guard on linked renewals."""
+
 from __future__ import annotations
 
 import logging
-import re
 
 import pytest
 
@@ -20,15 +20,28 @@ PERIOD_END = TRIAL_END + 30 * DAY
 
 def renewal_invoice(invoice_id, *, status, start=TRIAL_END, end=PERIOD_END, quantity=2, created=TRIAL_END, **extra):
     line = invoice_line_object(
-        id=f"il_{invoice_id}", invoice=invoice_id, amount=2000 * quantity, quantity=quantity,
-        period_start=start, period_end=end, subscription=SUB,
+        id=f"il_{invoice_id}",
+        invoice=invoice_id,
+        amount=2000 * quantity,
+        quantity=quantity,
+        period_start=start,
+        period_end=end,
+        subscription=SUB,
     )
     finalized = status != "draft"
     return invoice_object(
-        id=invoice_id, customer=CUS, status=status, billing_reason="subscription_cycle", lines=[line],
-        subscription=SUB, number=f"INV-{invoice_id[-4:]}" if finalized else None, created=created,
+        id=invoice_id,
+        customer=CUS,
+        status=status,
+        billing_reason="subscription_cycle",
+        lines=[line],
+        subscription=SUB,
+        number=f"INV-{invoice_id[-4:]}" if finalized else None,
+        created=created,
         finalized_at=created + 3600 if finalized else None,
-        paid_at=created + 3605 if status == "paid" else None, customer_email="owner@example.com", **extra,
+        paid_at=created + 3605 if status == "paid" else None,
+        customer_email="owner@example.com",
+        **extra,
     )
 
 
@@ -66,17 +79,25 @@ def test_invoice_created_links_the_renewal_and_paid_processes_it_once(post_event
     assert renewal.processed_at is not None
     entitlement = Entitlement.objects.get(kind="paid")
     assert (entitlement.starts_at, entitlement.expires_at, entitlement.seats) == (
-        as_datetime(TRIAL_END), as_datetime(PERIOD_END), 2)
+        as_datetime(TRIAL_END),
+        as_datetime(PERIOD_END),
+        2,
+    )
     assert renewal.to_entitlement == entitlement and renewal.from_entitlement.kind == "trial"
     # The next renewal is planned at the end of the paid period; one receipt is owed.
     assert list(Renewal.objects.values_list("effective_date", flat=True)) == [
-        as_datetime(TRIAL_END), as_datetime(PERIOD_END)]
+        as_datetime(TRIAL_END),
+        as_datetime(PERIOD_END),
+    ]
     assert OwedEmail.objects.filter(kind="receipt").count() == 1
 
 
 def test_invoice_paid_before_invoice_created_links_then_and_a_late_created_changes_nothing(post_event):
     renewal = trial_started(post_event)
-    assert post_event(invoice_event("invoice.paid", renewal_invoice("in_r2", status="paid"), TRIAL_END + 3605)).status_code == 200
+    assert (
+        post_event(invoice_event("invoice.paid", renewal_invoice("in_r2", status="paid"), TRIAL_END + 3605)).status_code
+        == 200
+    )
     renewal.refresh_from_db()
     assert renewal.stripe_invoice_id == "in_r2" and renewal.processed_at is not None
 
@@ -117,9 +138,14 @@ def test_invoice_paid_before_its_subscription_is_retried_then_applied(post_event
 
 def test_a_linked_renewal_keeps_its_invoice_and_a_conflicting_one_is_a_warning(post_event, caplog):
     renewal = trial_started(post_event)
-    assert post_event(invoice_event("invoice.created", renewal_invoice("in_first", status="draft"), TRIAL_END)).status_code == 200
+    assert (
+        post_event(invoice_event("invoice.created", renewal_invoice("in_first", status="draft"), TRIAL_END)).status_code
+        == 200
+    )
     # Same subscription, same period start: a second invoice (e.g. the first was voided and replaced).
-    other = invoice_event("invoice.created", renewal_invoice("in_second", status="draft", created=TRIAL_END + 60), TRIAL_END + 60)
+    other = invoice_event(
+        "invoice.created", renewal_invoice("in_second", status="draft", created=TRIAL_END + 60), TRIAL_END + 60
+    )
     with caplog.at_level(logging.WARNING, logger="billing.services.renewals"):
         assert post_event(other).status_code == 200
     renewal.refresh_from_db()
@@ -150,11 +176,30 @@ def test_same_utc_date_links_when_the_instant_drifts(post_event):
 
 
 def test_one_off_invoice_is_mirrored_with_its_lines_and_owes_a_receipt(post_event):
-    line = invoice_line_object(id="il_once", invoice="in_once", amount=150000, currency="jpy", quantity=1,
-                               period_start=T0, period_end=T0, description="Workshop")
-    obj = invoice_object(id="in_once", customer="cus_once", status="paid", billing_reason="manual", lines=[line],
-                         currency="jpy", number="ONCE-1", created=T0, finalized_at=T0 + 1, paid_at=T0 + 2,
-                         customer_email="buyer@example.com", customer_name="Buyer Ltd")
+    line = invoice_line_object(
+        id="il_once",
+        invoice="in_once",
+        amount=150000,
+        currency="jpy",
+        quantity=1,
+        period_start=T0,
+        period_end=T0,
+        description="Workshop",
+    )
+    obj = invoice_object(
+        id="in_once",
+        customer="cus_once",
+        status="paid",
+        billing_reason="manual",
+        lines=[line],
+        currency="jpy",
+        number="ONCE-1",
+        created=T0,
+        finalized_at=T0 + 1,
+        paid_at=T0 + 2,
+        customer_email="buyer@example.com",
+        customer_name="Buyer Ltd",
+    )
     assert post_event(invoice_event("invoice.paid", obj, T0 + 2)).status_code == 200
     invoice = Invoice.objects.get(stripe_id="in_once")
     assert (invoice.subscription, invoice.currency, invoice.total, invoice.amount_paid) == (None, "jpy", 150000, 150000)
@@ -171,8 +216,9 @@ def test_payment_failed_owes_one_billing_error_per_attempt(post_event):
     assert post_event(event).status_code == 200
     assert post_event(event).status_code == 200  # duplicate delivery
     assert list(OwedEmail.objects.values_list("key", flat=True)) == ["payment_failed:in_fail:1"]
-    retry = invoice_event("invoice.payment_failed", renewal_invoice("in_fail", status="open", attempt_count=2),
-                          TRIAL_END + 3 * DAY)
+    retry = invoice_event(
+        "invoice.payment_failed", renewal_invoice("in_fail", status="open", attempt_count=2), TRIAL_END + 3 * DAY
+    )
     assert post_event(retry).status_code == 200
     assert OwedEmail.objects.filter(kind="payment_failed").count() == 2
     assert not Entitlement.objects.filter(kind="paid").exists()
@@ -196,7 +242,10 @@ def test_a_paid_renewal_is_marked_processed_and_relinked_in_one_history_row_and_
     """``invoice.paid`` of a linked renewal: one save marks it processed (its history row says
     by which invoice) and moves it to its paid window, and the next renewal is planned."""
     renewal = trial_started(post_event)
-    assert post_event(invoice_event("invoice.created", renewal_invoice("in_r1", status="draft"), TRIAL_END)).status_code == 200
+    assert (
+        post_event(invoice_event("invoice.created", renewal_invoice("in_r1", status="draft"), TRIAL_END)).status_code
+        == 200
+    )
     rows_before = renewal.history.count()
     paid = invoice_event("invoice.paid", renewal_invoice("in_r1", status="paid"), TRIAL_END + 3605)
     assert post_event(paid).status_code == 200
@@ -210,7 +259,9 @@ def test_a_paid_renewal_is_marked_processed_and_relinked_in_one_history_row_and_
     assert latest.history_change_reason == "processed by in_r1" and latest.processed_at == renewal.processed_at
     assert (latest.from_entitlement_id, latest.to_entitlement_id) == (renewal.from_entitlement_id, paid_window.pk)
     assert list(Renewal.objects.values_list("effective_date", "stripe_invoice_id")) == [
-        (as_datetime(TRIAL_END), "in_r1"), (as_datetime(PERIOD_END), None)]
+        (as_datetime(TRIAL_END), "in_r1"),
+        (as_datetime(PERIOD_END), None),
+    ]
 
 
 def test_a_renewal_planned_after_its_invoice_arrived_is_linked_to_it(post_event):
@@ -218,11 +269,15 @@ def test_a_renewal_planned_after_its_invoice_arrived_is_linked_to_it(post_event)
     planned at the period's end is then created linked to it (the conditional INSERT steps
     aside for the way that links)."""
     trial_started(post_event)
-    next_invoice = renewal_invoice("in_r2", status="draft", start=PERIOD_END, end=PERIOD_END + 30 * DAY, created=PERIOD_END)
+    next_invoice = renewal_invoice(
+        "in_r2", status="draft", start=PERIOD_END, end=PERIOD_END + 30 * DAY, created=PERIOD_END
+    )
     assert post_event(invoice_event("invoice.created", next_invoice, PERIOD_END)).status_code == 200
     assert not Renewal.objects.filter(effective_date=as_datetime(PERIOD_END)).exists()
 
     paid = invoice_event("invoice.paid", renewal_invoice("in_r1", status="paid"), TRIAL_END + 3605)
     assert post_event(paid).status_code == 200
     assert list(Renewal.objects.order_by("effective_date").values_list("effective_date", "stripe_invoice_id")) == [
-        (as_datetime(TRIAL_END), "in_r1"), (as_datetime(PERIOD_END), "in_r2")]
+        (as_datetime(TRIAL_END), "in_r1"),
+        (as_datetime(PERIOD_END), "in_r2"),
+    ]

@@ -70,7 +70,7 @@ def test_the_checker_finds_sql_text_and_raw_cursors(tmp_path, monkeypatch):
         '"""SELECT this docstring FROM prose is allowed."""\n'
         "from django.db import connection\n\n"
         "def f():\n"
-        '    with connection.cursor() as c:\n'
+        "    with connection.cursor() as c:\n"
         '        c.execute("SELECT id FROM billing_invoice WHERE stripe_id = %s FOR UPDATE", ["in_1"])\n'
     )
     try:

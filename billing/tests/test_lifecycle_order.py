@@ -5,13 +5,16 @@ failed payment then recovered, a seat change, a one-off invoice refunded). Deliv
 they must imply their facts; delivered shuffled, with duplicates, every non-2xx re-delivered
 later as Stripe does, they must leave exactly the rows in-order delivery leaves.
 """
+
 from __future__ import annotations
 
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from billing.models import Invoice, OwedEmail, Renewal, StripeEvent, Subscription
 from billing.simulation.delivery import arrange
@@ -23,7 +26,7 @@ pytestmark = pytest.mark.django_db
 
 
 def utc(unix: int) -> datetime:
-    return datetime.fromtimestamp(unix, tz=timezone.utc)
+    return datetime.fromtimestamp(unix, tz=UTC)
 
 
 def in_order(lifecycles):
@@ -66,7 +69,9 @@ def assert_facts(lifecycles):
             # No renewal is processed twice or left planned after the subscription ended.
             if sub.ended_at:
                 assert not Renewal.objects.filter(
-                    subscription=sub, effective_date__gte=sub.ended_at, processed_at__isnull=True,
+                    subscription=sub,
+                    effective_date__gte=sub.ended_at,
+                    processed_at__isnull=True,
                     stripe_invoice_id__isnull=True,
                 ).exists()
         receipts = set(
@@ -88,7 +93,9 @@ def test_generated_lifecycles_in_order_imply_their_facts(client, webhook):
 
 
 @pytest.mark.slow
-@hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@hsettings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(seed=st.integers(0, 10_000), order_seed=st.integers(0, 2**32 - 1), duplicates=st.sampled_from([0.0, 0.3]))
 def test_any_delivery_order_with_duplicates_ends_as_in_order(client, webhook, seed, order_seed, duplicates):
     lifecycles = generate_lifecycles(customers=5, seed=seed)
@@ -97,8 +104,9 @@ def test_any_delivery_order_with_duplicates_ends_as_in_order(client, webhook, se
     expected = snapshot()
 
     clear_rows()
-    shuffled = arrange([lc.events for lc in lifecycles], rng=random.Random(order_seed), shuffle=True,
-                       duplicates=duplicates)
+    shuffled = arrange(
+        [lc.events for lc in lifecycles], rng=random.Random(order_seed), shuffle=True, duplicates=duplicates
+    )
     deliver_until_accepted(client, shuffled)
     assert snapshot() == expected
     assert_facts(lifecycles)

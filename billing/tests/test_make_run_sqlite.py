@@ -7,6 +7,7 @@ processes with ``make run``'s settings (no broker: tasks run in-process after co
 shuffled, duplicated, signed deliveries over HTTP, then the facts each lifecycle implies read
 back from the file.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,13 +51,24 @@ def sqlite_server(tmp_path):
         "EMAIL_URL": "consolemail://",
         "DJANGO_SETTINGS_MODULE": "config.settings",
     }
-    migrate = subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=120)
+    migrate = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert migrate.returncode == 0, migrate.stderr
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -100,20 +112,26 @@ def test_lifecycles_delivered_shuffled_and_twice_end_in_the_facts_they_imply(sql
             assert [(_utc(s), _utc(e), seats) for s, e, seats in paid] == [
                 (p.start, p.end, p.quantity) for p in expected.paid_periods
             ], lc.scenario
-            linked = dict(db.execute(
-                "SELECT r.stripe_invoice_id, r.processed_at IS NOT NULL FROM billing_renewal r"
-                " JOIN billing_subscription s ON s.id = r.subscription_id WHERE s.stripe_id = ?"
-                " AND r.stripe_invoice_id IS NOT NULL", [expected.subscription_id],
-            ).fetchall())
-            renewal_invoices = {p.invoice_id for p in expected.paid_periods[1 if not expected.trial else 0:]}
+            linked = dict(
+                db.execute(
+                    "SELECT r.stripe_invoice_id, r.processed_at IS NOT NULL FROM billing_renewal r"
+                    " JOIN billing_subscription s ON s.id = r.subscription_id WHERE s.stripe_id = ?"
+                    " AND r.stripe_invoice_id IS NOT NULL",
+                    [expected.subscription_id],
+                ).fetchall()
+            )
+            renewal_invoices = {p.invoice_id for p in expected.paid_periods[1 if not expected.trial else 0 :]}
             assert renewal_invoices <= set(linked) and all(linked[i] for i in renewal_invoices), lc.scenario
         owed = {key for (key,) in db.execute("SELECT key FROM billing_owedemail WHERE kind = 'receipt'")}
         assert {f"receipt:{i}" for i in expected.receipt_invoice_ids} <= owed, lc.scenario
         for invoice_id, amount in expected.refunded.items():
-            assert db.execute("SELECT amount_refunded FROM billing_invoice WHERE stripe_id = ?",
-                              [invoice_id]).fetchone() == (amount,)
+            assert db.execute(
+                "SELECT amount_refunded FROM billing_invoice WHERE stripe_id = ?", [invoice_id]
+            ).fetchone() == (amount,)
     # Every write of the hot path left its history row, in Django's own datetime format.
     (history_date,) = db.execute("SELECT max(history_date) FROM billing_historicalsubscription").fetchone()
     assert datetime.fromisoformat(history_date)
-    assert db.execute("SELECT count(*) FROM billing_historicalinvoice").fetchone()[0] >= db.execute(
-        "SELECT count(*) FROM billing_invoice").fetchone()[0]
+    assert (
+        db.execute("SELECT count(*) FROM billing_historicalinvoice").fetchone()[0]
+        >= db.execute("SELECT count(*) FROM billing_invoice").fetchone()[0]
+    )

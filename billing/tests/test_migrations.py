@@ -3,6 +3,7 @@
 Data is built with the frozen models of 0002 (``apps.get_model`` of the migration state), the
 models the backfill sees when a team runs ``migrate``, not the current ones.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -95,7 +96,11 @@ def test_the_fields_are_added_by_0002_then_backfilled_by_0003():
         for op in loader.get_migration("billing", "0002_renewal_invoice_link").operations
         if type(op).__name__ == "AddField"
     }
-    assert {(model, field) for model in ("renewal", "historicalrenewal") for field in ("effective_date", "stripe_invoice_id")} <= added
+    assert {
+        (model, field)
+        for model in ("renewal", "historicalrenewal")
+        for field in ("effective_date", "stripe_invoice_id")
+    } <= added
     backfill = loader.get_migration(*BACKFILL)
     assert ("billing", "0002_renewal_invoice_link") in backfill.dependencies
     assert backfill.atomic is False  # each batch commits on its own

@@ -4,6 +4,7 @@ The reference is Stripe's fixtures3.json (see data/README.md): if the simulator 
 key, the app could come to rely on a field Stripe never sends, and every test built on the
 simulator would prove it works against a Stripe that does not exist.
 """
+
 import copy
 import importlib
 
@@ -17,21 +18,47 @@ T = 1767225600  # 2026-01-01T00:00:00Z
 
 
 def _sub(**overrides):
-    args = dict(id="sub_1", customer="cus_1", status="active", quantity=3, current_period_start=T,
-                current_period_end=T + 31 * 86400, created=T)
+    args = dict(
+        id="sub_1",
+        customer="cus_1",
+        status="active",
+        quantity=3,
+        current_period_start=T,
+        current_period_end=T + 31 * 86400,
+        created=T,
+    )
     return o.subscription_object(**{**args, **overrides})
 
 
 def _line(**overrides):
-    args = dict(id="il_1", invoice="in_1", amount=6000, quantity=3, period_start=T, period_end=T + 31 * 86400,
-                subscription="sub_1")
+    args = dict(
+        id="il_1",
+        invoice="in_1",
+        amount=6000,
+        quantity=3,
+        period_start=T,
+        period_end=T + 31 * 86400,
+        subscription="sub_1",
+    )
     return o.invoice_line_object(**{**args, **overrides})
 
 
 def _invoice(**overrides):
-    args = dict(id="in_1", customer="cus_1", status="paid", billing_reason="subscription_cycle", lines=[_line()],
-                subscription="sub_1", number="ABC-0001", created=T, finalized_at=T + 3600, paid_at=T + 3700,
-                customer_email="ada@example.com", customer_name="Ada", attempt_count=1)
+    args = dict(
+        id="in_1",
+        customer="cus_1",
+        status="paid",
+        billing_reason="subscription_cycle",
+        lines=[_line()],
+        subscription="sub_1",
+        number="ABC-0001",
+        created=T,
+        finalized_at=T + 3600,
+        paid_at=T + 3700,
+        customer_email="ada@example.com",
+        customer_name="Ada",
+        attempt_count=1,
+    )
     return o.invoice_object(**{**args, **overrides})
 
 
@@ -47,24 +74,49 @@ BUILT = {
     "line of a one-off invoice item": (_line(subscription=None), "line_item"),
     "invoice paid": (_invoice(), "invoice"),
     "invoice draft": (_invoice(status="draft", number=None, finalized_at=None, paid_at=None), "invoice"),
-    "one-off invoice": (_invoice(subscription=None, billing_reason="manual", lines=[_line(subscription=None)]), "invoice"),
+    "one-off invoice": (
+        _invoice(subscription=None, billing_reason="manual", lines=[_line(subscription=None)]),
+        "invoice",
+    ),
     "price": (o.price_object(id="price_standard", unit_amount=2000), "price"),
     "checkout session": (
-        o.checkout_session_object(id="cs_test_1", customer="cus_1", subscription="sub_1", client_reference_id="42",
-                                  created=T, customer_email="ada@example.com", customer_name="Ada", amount_total=2000),
+        o.checkout_session_object(
+            id="cs_test_1",
+            customer="cus_1",
+            subscription="sub_1",
+            client_reference_id="42",
+            created=T,
+            customer_email="ada@example.com",
+            customer_name="Ada",
+            amount_total=2000,
+        ),
         "checkout.session",
     ),
-    "charge": (o.charge_object(id="ch_1", customer="cus_1", payment_intent="pi_1", amount=5000, amount_refunded=100,
-                               created=T), "charge"),
+    "charge": (
+        o.charge_object(
+            id="ch_1", customer="cus_1", payment_intent="pi_1", amount=5000, amount_refunded=100, created=T
+        ),
+        "charge",
+    ),
     "refund": (o.refund_object(id="re_1", charge="ch_1", payment_intent="pi_1", amount=100, created=T), "refund"),
-    "setup intent": (o.setup_intent_object(id="seti_1", customer="cus_1", payment_method="pm_1", created=T),
-                     "setup_intent"),
-    "invoice payment": (o.invoice_payment_object(id="inpay_1", invoice="in_1", payment_intent="pi_1", amount_paid=5000,
-                                                 created=T), "invoice_payment"),
+    "setup intent": (
+        o.setup_intent_object(id="seti_1", customer="cus_1", payment_method="pm_1", created=T),
+        "setup_intent",
+    ),
+    "invoice payment": (
+        o.invoice_payment_object(id="inpay_1", invoice="in_1", payment_intent="pi_1", amount_paid=5000, created=T),
+        "invoice_payment",
+    ),
     "customer": (o.customer_object(id="cus_1", created=T, email="ada@example.com", name="Ada"), "customer"),
     "event with previous attributes": (
-        o.event_object(type="customer.subscription.updated", obj=_sub(quantity=4), created=T,
-                       previous_attributes={"items": _sub()["items"]}, request_id="req_1", idempotency_key="k"),
+        o.event_object(
+            type="customer.subscription.updated",
+            obj=_sub(quantity=4),
+            created=T,
+            previous_attributes={"items": _sub()["items"]},
+            request_id="req_1",
+            idempotency_key="k",
+        ),
         "event",
     ),
 }
@@ -87,8 +139,16 @@ def test_every_simulated_event_and_its_object_match_stripe_fixtures(seed):
     assert not problems, "\n".join(sorted(set(problems)))
     # The check ran over every kind of object the simulator sends, not over a lucky few.
     kinds = {event["data"]["object"]["object"] for event in events}
-    assert kinds >= {"subscription", "invoice", "invoice_payment", "charge", "refund", "setup_intent",
-                     "checkout.session", "customer"}
+    assert kinds >= {
+        "subscription",
+        "invoice",
+        "invoice_payment",
+        "charge",
+        "refund",
+        "setup_intent",
+        "checkout.session",
+        "customer",
+    }
 
 
 def test_checker_rejects_an_invented_top_level_key():

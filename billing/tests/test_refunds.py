@@ -4,6 +4,7 @@ Since 2025-03-31.basil a charge names no invoice: ``invoice_payment.paid`` ties 
 its PaymentIntent, and when that event is missing the InvoicePayments API is asked (here a
 local server in Stripe's shape, called for real by stripe-python).
 """
+
 import itertools
 
 import pytest
@@ -30,8 +31,18 @@ CUS, INV, PI, CH = "cus_ref", "in_ref", "pi_ref", "ch_ref"
 
 def paid_invoice():
     line = invoice_line_object(id="il_ref", invoice=INV, amount=9000, period_start=T0, period_end=T0)
-    obj = invoice_object(id=INV, customer=CUS, status="paid", billing_reason="manual", lines=[line], number="R-1",
-                         created=T0, finalized_at=T0 + 1, paid_at=T0 + 2, customer_email="r@example.com")
+    obj = invoice_object(
+        id=INV,
+        customer=CUS,
+        status="paid",
+        billing_reason="manual",
+        lines=[line],
+        number="R-1",
+        created=T0,
+        finalized_at=T0 + 1,
+        paid_at=T0 + 2,
+        customer_email="r@example.com",
+    )
     return event_object(type="invoice.paid", obj=obj, created=T0 + 2)
 
 
@@ -41,7 +52,9 @@ def invoice_paid_by_intent():
 
 
 def charge_refunded(amount_refunded, created):
-    obj = charge_object(id=CH, customer=CUS, payment_intent=PI, amount=9000, amount_refunded=amount_refunded, created=T0)
+    obj = charge_object(
+        id=CH, customer=CUS, payment_intent=PI, amount=9000, amount_refunded=amount_refunded, created=T0
+    )
     return event_object(type="charge.refunded", obj=obj, created=created)
 
 
@@ -73,9 +86,13 @@ def test_a_failed_refund_is_not_counted(post_event):
     post_event(paid_invoice())
     post_event(invoice_paid_by_intent())
     post_event(refund_created("re_f", 3000, T0 + 100))
-    post_event(event_object(type="refund.failed", obj=refund_object(id="re_f", charge=CH, payment_intent=PI,
-                                                                     amount=3000, created=T0 + 100, status="failed"),
-                            created=T0 + 300))
+    post_event(
+        event_object(
+            type="refund.failed",
+            obj=refund_object(id="re_f", charge=CH, payment_intent=PI, amount=3000, created=T0 + 100, status="failed"),
+            created=T0 + 300,
+        )
+    )
     assert Invoice.objects.get(stripe_id=INV).amount_refunded == 0
 
 
@@ -84,8 +101,15 @@ def test_without_invoice_payment_event_the_invoice_payments_api_resolves_it(
 ):
     with FakeStripe() as stripe_api:
         settings.STRIPE_API_KEY, settings.STRIPE_API_BASE = stripe_api.api_key, stripe_api.url
-        stripe_api.invoice_payments = [{"id": "inpay_ref", "object": "invoice_payment", "invoice": INV,
-                                        "payment": {"type": "payment_intent", "payment_intent": PI}, "status": "paid"}]
+        stripe_api.invoice_payments = [
+            {
+                "id": "inpay_ref",
+                "object": "invoice_payment",
+                "invoice": INV,
+                "payment": {"type": "payment_intent", "payment_intent": PI},
+                "status": "paid",
+            }
+        ]
         assert post_event(paid_invoice()).status_code == 200
         with django_capture_on_commit_callbacks(execute=True):  # the task runs after the commit
             assert post_event(charge_refunded(2500, T0 + 100)).status_code == 200

@@ -1,4 +1,5 @@
 """The handler registry: a handler that cannot run fails ``manage.py check``, not a live webhook."""
+
 import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError

@@ -1,4 +1,5 @@
 """The simulator: lifecycles that say what they imply, arranged, signed and delivered as Stripe does."""
+
 import json
 import random
 import threading
@@ -64,7 +65,7 @@ def test_six_customers_cover_every_scenario(seed):
 def test_events_of_a_lifecycle_are_in_order_at_least_a_second_apart(seed):
     for lifecycle in generate_lifecycles(customers=10, seed=seed):
         times = [event["created"] for event in lifecycle.events]
-        assert all(later - earlier >= 1 for earlier, later in zip(times, times[1:])), lifecycle.scenario
+        assert all(later - earlier >= 1 for earlier, later in zip(times, times[1:], strict=False)), lifecycle.scenario
         assert all(event["data"]["object"]["created"] <= event["created"] for event in lifecycle.events)
         assert len({event["id"] for event in lifecycle.events}) == len(lifecycle.events)
 
@@ -82,7 +83,7 @@ def test_paid_periods_are_contiguous_and_match_the_paid_invoices_subscription_li
     for lifecycle in generate_lifecycles(customers=10, seed=seed):
         expected = lifecycle.expected
         periods = expected.paid_periods
-        assert all(a.end == b.start for a, b in zip(periods, periods[1:])), lifecycle.scenario
+        assert all(a.end == b.start for a, b in zip(periods, periods[1:], strict=False)), lifecycle.scenario
         for period in periods:
             invoice = _last_invoice_snapshot(lifecycle, period.invoice_id)
             line = invoice.subscription_line
@@ -116,7 +117,10 @@ def test_receipts_final_state_and_refunds_follow_from_the_events(seed):
         if expected.subscription_id:
             last = sp.read_subscription(subscription_events[-1]["data"]["object"])
             assert (last.stripe_id, last.status, last.quantity) == (
-                expected.subscription_id, expected.final_status, expected.final_quantity)
+                expected.subscription_id,
+                expected.final_status,
+                expected.final_quantity,
+            )
         else:
             assert subscription_events == [] and expected.final_status is None
         # A refund reaches its invoice only through invoice_payment (charge -> payment intent -> invoice).
@@ -135,7 +139,9 @@ def test_receipts_final_state_and_refunds_follow_from_the_events(seed):
 
 
 def _lifecycles_of(scenario, seeds=SEEDS, customers=10):
-    found = [lc for seed in seeds for lc in generate_lifecycles(customers=customers, seed=seed) if lc.scenario == scenario]
+    found = [
+        lc for seed in seeds for lc in generate_lifecycles(customers=customers, seed=seed) if lc.scenario == scenario
+    ]
     assert found
     return found
 
@@ -148,10 +154,16 @@ def test_trial_lifecycle_reminds_three_days_ahead_then_cancels_at_period_end():
         zero = _last_invoice_snapshot(lifecycle, _by_type(lifecycle, "invoice.created")[0]["data"]["object"]["id"])
         assert (zero.billing_reason, zero.total, zero.status) == ("subscription_create", 0, "paid")
         assert 2 <= len(lifecycle.expected.paid_periods) <= 4  # trial conversion + 1 to 3 renewals
-        cancel = [e for e in _by_type(lifecycle, "customer.subscription.updated")
-                  if "cancel_at_period_end" in e["data"]["previous_attributes"]]
+        cancel = [
+            e
+            for e in _by_type(lifecycle, "customer.subscription.updated")
+            if "cancel_at_period_end" in e["data"]["previous_attributes"]
+        ]
         (deleted,) = _by_type(lifecycle, "customer.subscription.deleted")
-        asked, gone = sp.read_subscription(cancel[-1]["data"]["object"]), sp.read_subscription(deleted["data"]["object"])
+        asked, gone = (
+            sp.read_subscription(cancel[-1]["data"]["object"]),
+            sp.read_subscription(deleted["data"]["object"]),
+        )
         last_period_end = lifecycle.expected.paid_periods[-1].end
         assert asked.cancel_at_period_end and asked.status == "active"
         assert asked.cancel_at.timestamp() == last_period_end
@@ -175,7 +187,9 @@ def test_failed_renewal_makes_the_subscription_past_due_until_the_retry_pays():
         invoice_id = failed["data"]["object"]["id"]
         paid = [e for e in _by_type(lifecycle, "invoice.paid") if e["data"]["object"]["id"] == invoice_id]
         assert failed["data"]["object"]["status"] == "open" and paid[0]["data"]["object"]["attempt_count"] == 2
-        statuses = [(e["created"], e["data"]["object"]["status"]) for e in _by_type(lifecycle, "customer.subscription.updated")]
+        statuses = [
+            (e["created"], e["data"]["object"]["status"]) for e in _by_type(lifecycle, "customer.subscription.updated")
+        ]
         past_due = [t for t, status in statuses if status == "past_due"]
         assert len(past_due) == 1 and failed["created"] < past_due[0] < paid[0]["created"]
         assert any(status == "active" and t > paid[0]["created"] for t, status in statuses)
@@ -184,8 +198,11 @@ def test_failed_renewal_makes_the_subscription_past_due_until_the_retry_pays():
 
 def test_seat_change_bills_prorations_and_the_new_quantity_on_the_next_invoice():
     for lifecycle in _lifecycles_of(SEAT_CHANGE):
-        changes = [e for e in _by_type(lifecycle, "customer.subscription.updated")
-                   if e["request"]["id"] and "items" in e["data"]["previous_attributes"]]
+        changes = [
+            e
+            for e in _by_type(lifecycle, "customer.subscription.updated")
+            if e["request"]["id"] and "items" in e["data"]["previous_attributes"]
+        ]
         (change,) = changes
         old = sp.read_subscription({**change["data"]["object"], **change["data"]["previous_attributes"]}).quantity
         new = sp.read_subscription(change["data"]["object"]).quantity
@@ -194,8 +211,12 @@ def test_seat_change_bills_prorations_and_the_new_quantity_on_the_next_invoice()
         invoice = _last_invoice_snapshot(lifecycle, after[0].invoice_id)
         prorations = [line for line in invoice.lines if line.proration]
         assert sorted(line.quantity for line in prorations) == sorted([old, new])
-        assert all(line.parent_type == "invoice_item_details" and line.subscription_id == lifecycle.expected.subscription_id
-                   and line.period_start.timestamp() == change["created"] for line in prorations)
+        assert all(
+            line.parent_type == "invoice_item_details"
+            and line.subscription_id == lifecycle.expected.subscription_id
+            and line.period_start.timestamp() == change["created"]
+            for line in prorations
+        )
         assert invoice.subscription_line.quantity == new == after[0].quantity == after[0].billed_quantity
         # The period the seats changed in ends with the new seats, though it was billed for the old.
         (during,) = [p for p in lifecycle.expected.paid_periods if p.start <= change["created"] < p.end]
@@ -217,14 +238,19 @@ def test_checkout_names_the_given_client_reference_ids_and_is_absent_without_the
     references = ["101", "102", "103"]
     with_ids = generate_lifecycles(customers=6, seed=8, client_reference_ids=references)
     for index, lifecycle in enumerate(with_ids):
-        sessions = [sp.read_checkout_session(e["data"]["object"]) for e in _by_type(lifecycle, "checkout.session.completed")]
+        sessions = [
+            sp.read_checkout_session(e["data"]["object"]) for e in _by_type(lifecycle, "checkout.session.completed")
+        ]
         if lifecycle.expected.subscription_id is None:
             assert sessions == [] and lifecycle.expected.client_reference_id is None
             continue
         (session,) = sessions
         wanted = references[index] if index < len(references) else ""
         assert (session.mode, session.client_reference_id, session.subscription_id) == (
-            "subscription", wanted, lifecycle.expected.subscription_id)
+            "subscription",
+            wanted,
+            lifecycle.expected.subscription_id,
+        )
         assert session.customer.customer_id == lifecycle.customer_id
         assert (lifecycle.expected.client_reference_id or "") == wanted
     without = generate_lifecycles(customers=6, seed=8)
@@ -241,7 +267,9 @@ def test_invoice_number_and_urls_appear_at_finalization():
     for states in by_invoice.values():
         assert states["invoice.created"].status == "draft" and not states["invoice.created"].number
         finalized = states["invoice.finalized"]
-        assert finalized.status == "open" and finalized.number and finalized.hosted_invoice_url and finalized.invoice_pdf
+        assert (
+            finalized.status == "open" and finalized.number and finalized.hosted_invoice_url and finalized.invoice_pdf
+        )
         assert states["invoice.paid"].number == finalized.number and states["invoice.paid"].paid_at
 
 
@@ -249,9 +277,18 @@ def test_invoice_number_and_urls_appear_at_finalization():
 
 
 def test_read_subscription_takes_period_and_quantity_from_the_item():
-    sub = o.subscription_object(id="sub_1", customer="cus_1", status="trialing", quantity=4, price="price_team",
-                                current_period_start=1767225600, current_period_end=1768435200,
-                                trial_start=1767225600, trial_end=1768435200, created=1767225600)
+    sub = o.subscription_object(
+        id="sub_1",
+        customer="cus_1",
+        status="trialing",
+        quantity=4,
+        price="price_team",
+        current_period_start=1767225600,
+        current_period_end=1768435200,
+        trial_start=1767225600,
+        trial_end=1768435200,
+        created=1767225600,
+    )
     snapshot = sp.read_subscription(sub)
     assert "current_period_end" not in sub and "quantity" not in sub and "plan" not in sub
     assert (snapshot.quantity, snapshot.price_id, snapshot.customer.customer_id) == (4, "price_team", "cus_1")
@@ -260,26 +297,53 @@ def test_read_subscription_takes_period_and_quantity_from_the_item():
 
 def test_read_invoice_takes_the_subscription_from_parent_and_the_period_from_the_subscription_line():
     lines = [
-        o.invoice_line_object(id="il_p", invoice="in_1", amount=-700, quantity=2, period_start=1767500000,
-                              period_end=1769904000, subscription="sub_1", proration=True, invoice_item="ii_1"),
-        o.invoice_line_object(id="il_s", invoice="in_1", amount=6000, quantity=3, period_start=1769904000,
-                              period_end=1772323200, subscription="sub_1"),
+        o.invoice_line_object(
+            id="il_p",
+            invoice="in_1",
+            amount=-700,
+            quantity=2,
+            period_start=1767500000,
+            period_end=1769904000,
+            subscription="sub_1",
+            proration=True,
+            invoice_item="ii_1",
+        ),
+        o.invoice_line_object(
+            id="il_s",
+            invoice="in_1",
+            amount=6000,
+            quantity=3,
+            period_start=1769904000,
+            period_end=1772323200,
+            subscription="sub_1",
+        ),
     ]
-    invoice = o.invoice_object(id="in_1", customer="cus_1", status="paid", billing_reason="subscription_cycle",
-                               lines=lines, subscription="sub_1", number="X-1", created=1769904000,
-                               finalized_at=1769907600, paid_at=1769907700, customer_email="a@example.com")
+    invoice = o.invoice_object(
+        id="in_1",
+        customer="cus_1",
+        status="paid",
+        billing_reason="subscription_cycle",
+        lines=lines,
+        subscription="sub_1",
+        number="X-1",
+        created=1769904000,
+        finalized_at=1769907600,
+        paid_at=1769907700,
+        customer_email="a@example.com",
+    )
     snapshot = sp.read_invoice(invoice)
     assert "subscription" not in invoice and snapshot.subscription_id == "sub_1"
     assert (snapshot.total, snapshot.amount_paid, snapshot.amount_remaining) == (5300, 5300, 0)
     line = snapshot.subscription_line
     assert (line.stripe_id, line.quantity, line.period_start.timestamp()) == ("il_s", 3, 1769904000)
-    assert [l.proration for l in snapshot.lines] == [True, False]
+    assert [item.proration for item in snapshot.lines] == [True, False]
     assert snapshot.paid_at.timestamp() == 1769907700 and snapshot.customer_email == "a@example.com"
 
 
 def test_read_invoice_payment_and_refund_tie_a_refund_to_its_payment_intent():
-    payment = sp.read_invoice_payment(o.invoice_payment_object(id="inpay_1", invoice="in_9", payment_intent="pi_9",
-                                                               amount_paid=100, created=1))
+    payment = sp.read_invoice_payment(
+        o.invoice_payment_object(id="inpay_1", invoice="in_9", payment_intent="pi_9", amount_paid=100, created=1)
+    )
     refund = sp.read_refund(o.refund_object(id="re_1", charge="ch_9", payment_intent="pi_9", amount=40, created=2))
     assert (payment.invoice_id, payment.payment_intent_id, payment.status) == ("in_9", "pi_9", "paid")
     assert (refund.payment_intent_id, refund.charge_id, refund.amount) == ("pi_9", "ch_9", 40)
@@ -391,7 +455,9 @@ def test_deliver_retries_each_500_after_the_rest_of_the_round_until_it_gets_200(
     url, received = webhook_server(lambda event_id, seen: 500 if seen == 0 else 200)
     events = [e for lc in generate_lifecycles(customers=2, seed=4) for e in lc.events]
     results = []
-    report = deliver(url, events, secret=SECRET, max_rounds=3, on_result=lambda e, s, r: results.append((e["id"], s, r)))
+    report = deliver(
+        url, events, secret=SECRET, max_rounds=3, on_result=lambda e, s, r: results.append((e["id"], s, r))
+    )
     ids = [e["id"] for e in events]
     assert received == ids + ids  # every first delivery, then every retry, in the same order
     assert (report.sent, report.succeeded, report.retried, report.rounds) == (2 * len(ids), len(ids), len(ids), 2)
@@ -414,8 +480,9 @@ def test_deliver_raises_when_nothing_listens():
     port = probe.server_port
     probe.server_close()  # the port is now (very likely) closed
     with pytest.raises(DeliveryError, match="no answer"):
-        deliver(f"http://127.0.0.1:{port}/", generate_lifecycles(customers=1, seed=1)[0].events, secret=SECRET,
-                timeout=2)
+        deliver(
+            f"http://127.0.0.1:{port}/", generate_lifecycles(customers=1, seed=1)[0].events, secret=SECRET, timeout=2
+        )
 
 
 # --- The command ---------------------------------------------------------------------------------------------
@@ -432,11 +499,23 @@ def test_command_dry_run_lists_every_delivery_and_writes_them_as_json_lines(tmp_
 
 
 def test_command_posts_every_event_signed_and_retries_failures(webhook_server, capsys):
-    url, received = webhook_server(lambda event_id, seen: 500 if seen == 0 and event_id.endswith(("a", "b", "c")) else 200)
-    call_command("simulate_stripe_events", url=url, secret=SECRET, customers=3, seed=6, shuffle=True,
-                 client_reference_ids=["1", "2", "3"])
-    unique = {e["id"] for lc in generate_lifecycles(customers=3, seed=6, client_reference_ids=["1", "2", "3"])
-              for e in lc.events}
+    url, received = webhook_server(
+        lambda event_id, seen: 500 if seen == 0 and event_id.endswith(("a", "b", "c")) else 200
+    )
+    call_command(
+        "simulate_stripe_events",
+        url=url,
+        secret=SECRET,
+        customers=3,
+        seed=6,
+        shuffle=True,
+        client_reference_ids=["1", "2", "3"],
+    )
+    unique = {
+        e["id"]
+        for lc in generate_lifecycles(customers=3, seed=6, client_reference_ids=["1", "2", "3"])
+        for e in lc.events
+    }
     retried = {i for i in unique if i.endswith(("a", "b", "c"))}
     assert retried  # the seed gives some, so the retry path ran
     assert Counter(received) == Counter({i: 2 if i in retried else 1 for i in unique})

@@ -30,7 +30,11 @@ def history_values(model, pk) -> list[dict]:
 
 
 def row_values(obj) -> dict:
-    return {k: v for k, v in type(obj).objects.filter(pk=obj.pk).values()[0].items() if k not in ("id", "created_at", "updated_at")}
+    return {
+        k: v
+        for k, v in type(obj).objects.filter(pk=obj.pk).values()[0].items()
+        if k not in ("id", "created_at", "updated_at")
+    }
 
 
 def comparable(rows: list[dict], pk) -> list[dict]:
@@ -40,7 +44,13 @@ def comparable(rows: list[dict], pk) -> list[dict]:
 def test_create_with_history_writes_what_save_and_simple_history_write():
     account = AccountFactory()
     at = datetime(2026, 3, 1, 12, tzinfo=UTC)
-    values = dict(account=account, status="active", quantity=3, current_period_start=at, current_period_end=at + timedelta(days=30))
+    values = dict(
+        account=account,
+        status="active",
+        quantity=3,
+        current_period_start=at,
+        current_period_end=at + timedelta(days=30),
+    )
     by_orm = Subscription(stripe_id="sub_by_orm", **values)
     by_orm._change_reason = "customer.subscription.created"
     by_orm.save()
@@ -68,6 +78,7 @@ def test_save_with_history_writes_what_save_and_simple_history_write():
     sql.save_with_history(by_sql, ["status", "amount_paid", "number"], reason="invoice.paid")
 
     differs = ("stripe_id", "account_id", "hosted_invoice_url", "invoice_pdf", "customer_email")
+
     def same(values):
         return {k: v for k, v in values.items() if k not in differs}
 
@@ -107,10 +118,20 @@ def test_create_with_history_unless_exists_writes_nothing_for_a_row_that_exists(
 def test_the_relink_update_moves_processed_renewals_and_marks_one_processed_with_its_reason():
     sub = SubscriptionFactory()
     start = sub.current_period_start
-    trial = EntitlementFactory(account=sub.account, stripe_subscription_id=sub.stripe_id, kind="trial",
-                               starts_at=start - timedelta(days=14), expires_at=start)
-    paid = EntitlementFactory(account=sub.account, stripe_subscription_id=sub.stripe_id, kind="paid",
-                              starts_at=start, expires_at=start + timedelta(days=30))
+    trial = EntitlementFactory(
+        account=sub.account,
+        stripe_subscription_id=sub.stripe_id,
+        kind="trial",
+        starts_at=start - timedelta(days=14),
+        expires_at=start,
+    )
+    paid = EntitlementFactory(
+        account=sub.account,
+        stripe_subscription_id=sub.stripe_id,
+        kind="paid",
+        starts_at=start,
+        expires_at=start + timedelta(days=30),
+    )
     renewal = RenewalFactory(subscription=sub, effective_date=start, processed_at=None)
     untouched = RenewalFactory(subscription=sub, effective_date=start + timedelta(days=30), processed_at=None)
     processed_at = start + timedelta(hours=1)
@@ -118,8 +139,16 @@ def test_the_relink_update_moves_processed_renewals_and_marks_one_processed_with
     sql.relink_renewal_entitlements(sub, processing=(renewal.pk, processed_at, "processed by in_1"))
 
     renewal.refresh_from_db()
-    assert (renewal.from_entitlement_id, renewal.to_entitlement_id, renewal.processed_at) == (trial.pk, paid.pk, processed_at)
+    assert (renewal.from_entitlement_id, renewal.to_entitlement_id, renewal.processed_at) == (
+        trial.pk,
+        paid.pk,
+        processed_at,
+    )
     latest = renewal.history.latest("history_date")
-    assert (latest.history_change_reason, latest.processed_at, latest.to_entitlement_id) == ("processed by in_1", processed_at, paid.pk)
+    assert (latest.history_change_reason, latest.processed_at, latest.to_entitlement_id) == (
+        "processed by in_1",
+        processed_at,
+        paid.pk,
+    )
     assert untouched.history.count() == 1  # not processed, not moved: no write, no history row
     assert Renewal.objects.get(pk=untouched.pk).from_entitlement_id is None

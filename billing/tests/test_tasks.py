@@ -5,6 +5,7 @@ small backend below that raises like ``smtplib`` does. Without ``CELERY_BROKER_U
 run as the web process does (tasks eager, after commit); the last tests start a real Celery
 worker on Redis (``TEST_REDIS_URL``) in a thread of this process, on the same test database.
 """
+
 import os
 import smtplib
 import threading
@@ -284,9 +285,7 @@ def test_an_email_nobody_can_receive_fails_at_once(mailoutbox):
 
 
 def test_the_sweep_backs_off_exponentially_up_to_ten_minutes():
-    assert [retry_delay(n) for n in range(1, 8)] == [
-        timedelta(minutes=m) for m in (1, 2, 4, 8, 10, 10, 10)
-    ]
+    assert [retry_delay(n) for n in range(1, 8)] == [timedelta(minutes=m) for m in (1, 2, 4, 8, 10, 10, 10)]
     invoice = make_invoice(make_account())
     owed = OwedEmailFactory(kind=RECEIPT, invoice=invoice, attempts=2)
     due_at = owed.created_at + settings.BILLING_OUTBOX_SWEEP_AFTER + timedelta(minutes=1 + 2)
@@ -433,7 +432,9 @@ def test_with_a_broker_the_emails_of_several_commits_go_in_one_message(redis_wor
 
     owed = [owe_receipt(invoice) for invoice in invoices]
 
-    assert wait_until(lambda: OwedEmail.objects.filter(pk__in=[o.pk for o in owed], status=OwedEmail.Status.SENT).count() == 3)
+    assert wait_until(
+        lambda: OwedEmail.objects.filter(pk__in=[o.pk for o in owed], status=OwedEmail.Status.SENT).count() == 3
+    )
     assert wait_until(lambda: len(mailoutbox) == 3)
     assert runs_of(send_owed_emails) == runs_before + 1
     assert runs_of(send_owed_email) == single_before

@@ -6,12 +6,13 @@ several endpoint workers). These tests start a real HTTP server (pytest-django's
 released together by a barrier, each on its own HTTP connection.
 The database is committed for real (``transaction=True``): the race is the race PostgreSQL sees.
 """
+
 import http.client
 import json
 import threading
 import urllib.parse
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from django.core import mail
@@ -133,7 +134,7 @@ def test_concurrent_deliveries_of_an_event_that_owes_an_email_send_it_once(webho
     owed = OwedEmail.objects.get()
     assert (owed.kind, owed.status) == (OwedEmail.Kind.TRIAL_WILL_END, OwedEmail.Status.SENT)
     # The live server runs in this process with the locmem backend: its outbox is this one.
-    trial_end = datetime.fromtimestamp(T0 + 14 * DAY, tz=timezone.utc)
+    trial_end = datetime.fromtimestamp(T0 + 14 * DAY, tz=UTC)
     assert [(m.subject, m.to) for m in mail.outbox] == [
         (f"Your trial ends on {trial_end:%B} {trial_end.day}, {trial_end.year}", ["owner@raced.example"])
     ]
@@ -225,8 +226,11 @@ def _outside_conninfo() -> str:
 
     settings = connection.settings_dict
     return psycopg.conninfo.make_conninfo(
-        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"] or None,
-        port=settings["PORT"] or None, password=settings["PASSWORD"] or None,
+        dbname=settings["NAME"],
+        user=settings["USER"],
+        host=settings["HOST"] or None,
+        port=settings["PORT"] or None,
+        password=settings["PASSWORD"] or None,
     )
 
 
@@ -287,12 +291,16 @@ def test_an_older_snapshot_that_waited_for_the_lock_never_overwrites_a_newer_one
     )
     assert post_all_at_once(webhook_url, [created])[0][0] == 200
     newer = subscription_event(
-        "customer.subscription.updated", active_subscription(sub_id, customer, quantity=5),
-        created=T0 + 200, event_id="evt_ro_newer",
+        "customer.subscription.updated",
+        active_subscription(sub_id, customer, quantity=5),
+        created=T0 + 200,
+        event_id="evt_ro_newer",
     )
     older = subscription_event(
-        "customer.subscription.updated", active_subscription(sub_id, customer, quantity=3),
-        created=T0 + 100, event_id="evt_ro_older",
+        "customer.subscription.updated",
+        active_subscription(sub_id, customer, quantity=3),
+        created=T0 + 100,
+        event_id="evt_ro_older",
     )
     answers = _queued_behind_the_account_lock(webhook_url, customer, newer, older)
 
@@ -319,8 +327,10 @@ def test_a_delivery_waiting_for_its_event_row_holds_no_account_lock(webhook_url)
     )
     assert post_all_at_once(webhook_url, [created])[0][0] == 200
     update = subscription_event(
-        "customer.subscription.updated", active_subscription(sub_id, customer, quantity=4),
-        created=T0 + 60, event_id="evt_rw_1",
+        "customer.subscription.updated",
+        active_subscription(sub_id, customer, quantity=4),
+        created=T0 + 60,
+        event_id="evt_rw_1",
     )
     conninfo = _outside_conninfo()
     answers = []
@@ -387,17 +397,36 @@ def test_an_invoice_and_its_payment_arriving_together_end_attached(webhook_url, 
     customer, invoice_id, intent = "cus_race_key", "in_race_key", "pi_race_key"
     AccountFactory(stripe_customer_id=customer)
     refund = event_object(
-        type="refund.created", created=T0 + 50,
+        type="refund.created",
+        created=T0 + 50,
         obj=refund_object(id="re_race_key", charge="ch_race_key", payment_intent=intent, amount=1200, created=T0 + 50),
     )
     if refund_known:
         assert post_all_at_once(webhook_url, [refund])[0][0] == 200
     line = invoice_line_object(id="il_race_key", invoice=invoice_id, amount=9000, period_start=T0, period_end=T0)
-    paid = event_object(type="invoice.paid", created=T0 + 2, obj=invoice_object(
-        id=invoice_id, customer=customer, status="paid", billing_reason="manual", lines=[line], number="RK-1",
-        created=T0, finalized_at=T0 + 1, paid_at=T0 + 2, customer_email="rk@example.com"))
-    payment = event_object(type="invoice_payment.paid", created=T0 + 2, obj=invoice_payment_object(
-        id="inpay_race_key", invoice=invoice_id, payment_intent=intent, amount_paid=9000, created=T0 + 2))
+    paid = event_object(
+        type="invoice.paid",
+        created=T0 + 2,
+        obj=invoice_object(
+            id=invoice_id,
+            customer=customer,
+            status="paid",
+            billing_reason="manual",
+            lines=[line],
+            number="RK-1",
+            created=T0,
+            finalized_at=T0 + 1,
+            paid_at=T0 + 2,
+            customer_email="rk@example.com",
+        ),
+    )
+    payment = event_object(
+        type="invoice_payment.paid",
+        created=T0 + 2,
+        obj=invoice_payment_object(
+            id="inpay_race_key", invoice=invoice_id, payment_intent=intent, amount_paid=9000, created=T0 + 2
+        ),
+    )
 
     conninfo = _outside_conninfo()
     answers: dict[str, int] = {}

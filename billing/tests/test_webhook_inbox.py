@@ -4,13 +4,14 @@ Deliveries are real signed POSTs. Where a handler must fail, a test-only handler
 registry for the duration of one test (``swap_handler``); it runs the real services first, so
 the rollback it proves is the rollback of real writes.
 """
+
 import re
 
 import pytest
 
+from billing.models import Invoice, OwedEmail, Renewal, StripeEvent, Subscription
 from billing.services import invoices, subscriptions
 from billing.webhook import inbox, registry
-from billing.models import Invoice, OwedEmail, Renewal, StripeEvent, Subscription
 from provisioning.models import Account, Entitlement
 from provisioning.tests.factories import UserFactory
 
@@ -128,9 +129,7 @@ def test_redelivered_unknown_event_stays_one_ignored_row(post_event):
     first, second = post_event(payload), post_event(payload)
 
     assert (first.status_code, second.status_code) == (200, 200)
-    assert list(StripeEvent.objects.values_list("id", "status", "attempts")) == [
-        ("evt_unknown_twice", "ignored", 0)
-    ]
+    assert list(StripeEvent.objects.values_list("id", "status", "attempts")) == [("evt_unknown_twice", "ignored", 0)]
 
 
 def test_handled_event_is_stored_processed_with_its_effects(post_event):
@@ -366,8 +365,10 @@ def test_a_subscription_update_locks_the_account_after_storing_the_event_and_bef
     Here the trial's seats differ from the new quantity, so the window's seats are written."""
     post_event(trial_created())
     update = subscription_event(
-        "customer.subscription.updated", trial_subscription("sub_inbox", "cus_inbox", quantity=4),
-        created=T0 + 60, event_id="evt_inbox_updated",
+        "customer.subscription.updated",
+        trial_subscription("sub_inbox", "cus_inbox", quantity=4),
+        created=T0 + 60,
+        event_id="evt_inbox_updated",
     )
 
     statements = _statements_of(post_event, update)
@@ -384,8 +385,10 @@ def test_a_seat_change_with_a_window_of_its_seats_already_writes_no_entitlement(
     post_event(trial_created())
     Entitlement.objects.update(seats=4)  # as if an earlier delivery had set the window's seats
     update = subscription_event(
-        "customer.subscription.updated", trial_subscription("sub_inbox", "cus_inbox", quantity=4),
-        created=T0 + 60, event_id="evt_inbox_updated",
+        "customer.subscription.updated",
+        trial_subscription("sub_inbox", "cus_inbox", quantity=4),
+        created=T0 + 60,
+        event_id="evt_inbox_updated",
     )
 
     statements = _statements_of(post_event, update)
@@ -404,7 +407,9 @@ def test_a_first_event_of_a_new_customer_creates_its_account_under_the_lock(post
 
 def test_a_type_without_a_handler_is_stored_by_one_insert_and_locks_nothing(post_event):
     payload = subscription_event(
-        "customer.subscription.created", trial_subscription("sub_inbox", "cus_inbox"), created=T0,
+        "customer.subscription.created",
+        trial_subscription("sub_inbox", "cus_inbox"),
+        created=T0,
         event_id="evt_inbox_created",
     )
     payload["type"] = "customer.created"  # no handler: stored as ignored, nothing locked
@@ -421,8 +426,10 @@ def test_a_retried_failed_event_locks_the_account_after_the_event_row(post_event
     """The row exists (failed), so the INSERT skips: the row is locked, then the account."""
     post_event(trial_created())
     update = subscription_event(
-        "customer.subscription.updated", trial_subscription("sub_inbox", "cus_inbox", quantity=4),
-        created=T0 + 60, event_id="evt_inbox_updated",
+        "customer.subscription.updated",
+        trial_subscription("sub_inbox", "cus_inbox", quantity=4),
+        created=T0 + 60,
+        event_id="evt_inbox_updated",
     )
     swap_handler("customer.subscription.updated", "billing.tests.test_webhook_inbox:mirror_then_fail")
     assert post_event(update).status_code == 500
@@ -443,10 +450,14 @@ def invoice_then_fail(event):
 def _paid_invoice_of_a_known_subscription(post_event):
     from .conftest import first_invoice_paid_event
 
-    post_event(subscription_event(
-        "customer.subscription.created", active_subscription("sub_inbox", "cus_inbox"), created=T0,
-        event_id="evt_inbox_created",
-    ))
+    post_event(
+        subscription_event(
+            "customer.subscription.created",
+            active_subscription("sub_inbox", "cus_inbox"),
+            created=T0,
+            event_id="evt_inbox_created",
+        )
+    )
     return first_invoice_paid_event(
         "in_inbox", sub_id="sub_inbox", customer="cus_inbox", start=T0, end=T0 + 30 * DAY, created=T0 + 5
     )

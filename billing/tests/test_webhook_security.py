@@ -4,6 +4,7 @@ Every delivery here goes through the real view and the real ``stripe.WebhookSign
 check; the signatures are computed by stripe-python's own signing helper.
 https://docs.stripe.com/webhooks#verify-events
 """
+
 import hashlib
 import hmac
 import json
@@ -11,7 +12,9 @@ import logging
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from billing.models import StripeEvent
 from billing.tests.factories import SubscriptionFactory
@@ -266,7 +269,10 @@ def test_body_that_is_not_utf8_is_rejected(client, webhook_settings, nothing_cha
     body = b'{"id": "evt_latin1", "type": "caf\xe9"}'
 
     response = client.post(
-        WEBHOOK_URL, data=body, content_type="application/json", headers={"Stripe-Signature": signature_over_bytes(body)}
+        WEBHOOK_URL,
+        data=body,
+        content_type="application/json",
+        headers={"Stripe-Signature": signature_over_bytes(body)},
     )
 
     assert response.status_code == 400
@@ -436,8 +442,16 @@ def test_no_validly_signed_body_yields_a_5xx(client, webhook_settings, body):
         {"data": {"object": {"id": "obj_1", "note": "nul \x00 inside"}}},
         {"data": {"object": {"id": "obj_1", "amount": float("nan")}}},
     ],
-    ids=["created-huge", "created-negative", "created-year-10000", "api-version-object", "api-version-number",
-         "nul-in-id", "nul-in-payload", "nan-in-payload"],
+    ids=[
+        "created-huge",
+        "created-negative",
+        "created-year-10000",
+        "api-version-object",
+        "api-version-number",
+        "nul-in-id",
+        "nul-in-payload",
+        "nan-in-payload",
+    ],
 )
 @pytest.mark.django_db(transaction=True)
 def test_signed_envelope_with_unusable_values_is_a_4xx_not_a_5xx(client, webhook_settings, fields):

@@ -108,9 +108,7 @@ def _apply(event: Event, handler: registry.Handler, raw_body: str | None) -> Out
         if not handler_ran:
             raise  # the inbox itself failed (database down): nothing stored, the view answers 503
         return _failed(event, raw_body, exc)
-    logger.info(
-        "stripe event %s %s processed in %.1f ms", event.id, event.type, (time.perf_counter() - started) * 1000
-    )
+    logger.info("stripe event %s %s processed in %.1f ms", event.id, event.type, (time.perf_counter() - started) * 1000)
     return Outcome(event.id, Status.PROCESSED)
 
 

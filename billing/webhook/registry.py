@@ -12,6 +12,7 @@ Handlers are referenced by dotted path as well as by object, so that the system 
 ``billing.E001`` can prove at start-up that every registered handler still imports and is
 callable: a broken handler fails ``manage.py check`` instead of a live webhook.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -5,6 +5,7 @@ bytes, before anything is parsed), JSON, envelope. Every rejection is a 4xx that
 nothing; only a validly signed event whose handler fails is answered 500.
 https://docs.stripe.com/webhooks#verify-events
 """
+
 import json
 import logging
 

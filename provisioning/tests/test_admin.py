@@ -1,4 +1,5 @@
 """Admin of accounts: support finds a customer by any e-mail or Stripe id and sees what it may use."""
+
 from datetime import timedelta
 
 import pytest
@@ -32,9 +33,7 @@ def make_customer(key, seats=3):
         account=account, role="owner", user__username=f"user-{key}", user__email=f"member-{key}@example.com"
     )
     subscription = SubscriptionFactory(stripe_id=f"sub_{key}", account=account, status="active", quantity=seats)
-    InvoiceFactory(
-        stripe_id=f"in_{key}", subscription=subscription, number=f"NUM-{key}", status="paid", currency="usd"
-    )
+    InvoiceFactory(stripe_id=f"in_{key}", subscription=subscription, number=f"NUM-{key}", status="paid", currency="usd")
     EntitlementFactory(
         account=account,
         kind="paid",
@@ -64,7 +63,11 @@ def test_account_list_shows_current_entitlement(staff_client):
     account = make_customer("list", seats=7)
     # A trial overlapping the paid window: the SaaS's rule says paid wins.
     EntitlementFactory(
-        account=account, kind="trial", seats=1, starts_at=NOW - timedelta(days=2), expires_at=NOW + timedelta(days=60),
+        account=account,
+        kind="trial",
+        seats=1,
+        starts_at=NOW - timedelta(days=2),
+        expires_at=NOW + timedelta(days=60),
         stripe_subscription_id="sub_list",
     )
     AccountFactory(name="Nothing yet", stripe_customer_id=None)
@@ -152,7 +155,10 @@ def test_entitlement_list_filter_search_and_read_only_page(staff_client):
     paid = make_customer("e1").entitlements.get()
     make_customer("e2")
     trial = EntitlementFactory(
-        account=paid.account, kind="trial", starts_at=NOW - timedelta(days=40), expires_at=NOW - timedelta(days=30),
+        account=paid.account,
+        kind="trial",
+        starts_at=NOW - timedelta(days=40),
+        expires_at=NOW - timedelta(days=30),
         stripe_subscription_id="sub_e1",
     )
 
@@ -178,4 +184,3 @@ def test_account_changelist_queries_do_not_grow_with_rows(staff_client):
     with CaptureQueriesContext(connection) as many:
         assert len(listed(staff_client.get(changelist(Account)))) == 30
     assert len(many) == len(few), [q["sql"] for q in many.captured_queries]
-

@@ -10,11 +10,14 @@ accounts so that a customer always has exactly one.
 
 Deliveries are real signed POSTs to the webhook (helpers shared with ``billing/tests``).
 """
+
 from __future__ import annotations
 
 import pytest
 from django.db import transaction
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from billing.models import Invoice, OwedEmail, Renewal, StripeEvent, Subscription
 from billing.simulation.objects import checkout_session_object, event_object, invoice_line_object, invoice_object
@@ -81,8 +84,20 @@ def subscription_story() -> list[dict]:
     ]
 
 
-def invoice_event(type: str, *, invoice_id: str, status: str, created: int, start: int, end: int, quantity: int,
-                  amount: int, billing_reason: str, number: str | None = None, paid_at: int | None = None) -> dict:
+def invoice_event(
+    type: str,
+    *,
+    invoice_id: str,
+    status: str,
+    created: int,
+    start: int,
+    end: int,
+    quantity: int,
+    amount: int,
+    billing_reason: str,
+    number: str | None = None,
+    paid_at: int | None = None,
+) -> dict:
     line = invoice_line_object(
         id=f"il_{invoice_id}",
         invoice=invoice_id,
@@ -113,10 +128,17 @@ def full_story(account_pk: int) -> list[dict]:
     """The same story with its invoices (the trial's $0 one and the first paid renewal) and the
     checkout that names the SaaS's own account ``account_pk``, in the order Stripe sends them."""
     subs = subscription_story()
-    trial = dict(invoice_id="in_story_trial", start=T0, end=TRIAL_END, quantity=1, amount=0,
-                 billing_reason="subscription_create")
-    renewal = dict(invoice_id="in_story_renewal", start=TRIAL_END, end=PERIOD_END, quantity=1, amount=2000,
-                   billing_reason="subscription_cycle")
+    trial = dict(
+        invoice_id="in_story_trial", start=T0, end=TRIAL_END, quantity=1, amount=0, billing_reason="subscription_create"
+    )
+    renewal = dict(
+        invoice_id="in_story_renewal",
+        start=TRIAL_END,
+        end=PERIOD_END,
+        quantity=1,
+        amount=2000,
+        billing_reason="subscription_cycle",
+    )
     checkout = checkout_session_object(
         id="cs_test_story",
         customer=CUSTOMER,
@@ -137,8 +159,14 @@ def full_story(account_pk: int) -> list[dict]:
         invoice_event("invoice.created", status="draft", created=TRIAL_END, **renewal),
         {**subs[2], "created": TRIAL_END + 1},
         invoice_event("invoice.finalized", status="open", number="STORY-0002", created=TRIAL_END + 3600, **renewal),
-        invoice_event("invoice.paid", status="paid", number="STORY-0002", paid_at=TRIAL_END + 3700,
-                      created=TRIAL_END + 3700, **renewal),
+        invoice_event(
+            "invoice.paid",
+            status="paid",
+            number="STORY-0002",
+            paid_at=TRIAL_END + 3700,
+            created=TRIAL_END + 3700,
+            **renewal,
+        ),
         *subs[3:],
     ]
 

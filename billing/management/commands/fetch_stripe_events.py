@@ -8,23 +8,23 @@ the inbox are skipped (a failed one is left to ``reprocess_stripe_events``); new
 ``billing.webhook.inbox.receive``, exactly like a delivery (the API call itself is authenticated with
 ``STRIPE_API_KEY``, so there is no signature to check). https://docs.stripe.com/api/events/list
 """
+
 import json
 import re
 from collections import Counter
 from datetime import timedelta
 
+import stripe
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from billing import stripe_api
-from billing.webhook import inbox
 from billing.management.options import parse_since
 from billing.models import StripeEvent
 from billing.progress import Progress
 from billing.stripe_payloads import envelope_problem
-
-import stripe
+from billing.webhook import inbox
 
 
 def since_value(value: str):
@@ -72,6 +72,8 @@ class Command(BaseCommand):
             raise CommandError(f"Stripe API error after {counts['seen']} event(s): {exc.user_message or exc}") from exc
         summary = ", ".join(f"{key} {value}" for key, value in sorted(counts.items()) if key != "seen")
         suffix = " (dry run, nothing stored)" if options["dry_run"] else ""
-        self.stdout.write(f"fetched {counts['seen']} event(s) since {since:%Y-%m-%d %H:%M} UTC: {summary or 'none'}{suffix}")
+        self.stdout.write(
+            f"fetched {counts['seen']} event(s) since {since:%Y-%m-%d %H:%M} UTC: {summary or 'none'}{suffix}"
+        )
         if counts[StripeEvent.Status.FAILED]:
             raise CommandError(f"{counts[StripeEvent.Status.FAILED]} event(s) failed; see reprocess_stripe_events")

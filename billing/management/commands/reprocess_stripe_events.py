@@ -8,14 +8,15 @@
 Each event is applied in its own transaction by ``billing.webhook.inbox.process_event``, the same path
 as a webhook delivery: a processed event is never applied twice.
 """
+
 from collections import Counter
 
 from django.core.management.base import BaseCommand, CommandError
 
-from billing.webhook import inbox
 from billing.management.options import parse_since
 from billing.models import StripeEvent
 from billing.progress import Progress
+from billing.webhook import inbox
 
 
 class Command(BaseCommand):

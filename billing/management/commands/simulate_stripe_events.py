@@ -9,6 +9,7 @@ Examples::
 
 The same ``--seed`` gives the same events (ids, times, amounts), so a run can be repeated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,7 +115,9 @@ class Command(BaseCommand):
                 on_result=progress,
             )
         except DeliveryError as exc:
-            raise CommandError(f"Could not reach the webhook: {exc}. Is the app running? `make run` serves it.")
+            raise CommandError(
+                f"Could not reach the webhook: {exc}. Is the app running? `make run` serves it."
+            ) from exc
         finally:
             progress.close()
 
@@ -137,7 +140,7 @@ class Command(BaseCommand):
                 for event in events:
                     out.write(json.dumps(event, separators=(",", ":")) + "\n")
         except OSError as exc:
-            raise CommandError(f"Cannot write {path}: {exc}")
+            raise CommandError(f"Cannot write {path}: {exc}") from exc
         self.stdout.write(f"Wrote {len(events)} events to {path}")
 
 
