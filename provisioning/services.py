@@ -64,24 +64,24 @@ def grant_entitlement(
     expires_at: datetime,
     seats: int,
     stripe_invoice_id: str = "",
-) -> Entitlement:
+) -> bool:
     """The entitlement for one window of a subscription, created once (its window is unique).
 
-    A window granted already is left as it is. The caller holds the account's lock, so the
-    read and the INSERT cannot interleave with another grant of the same window; the unique
+    A window granted already is left as it is: False. The caller holds the account's lock, so
+    the read and the INSERT cannot interleave with another grant of the same window; the unique
     constraint stands behind it (a violation fails the event, and its retry finds the window).
     """
     window = {"stripe_subscription_id": stripe_subscription_id, "kind": kind, "starts_at": starts_at}
-    entitlement = Entitlement.objects.filter(**window).first()
-    if entitlement is None:
-        entitlement = Entitlement.objects.create(
-            **window,
-            account_id=account_id,
-            expires_at=max(expires_at, starts_at),
-            seats=max(seats, 0),
-            stripe_invoice_id=stripe_invoice_id,
-        )
-    return entitlement
+    if Entitlement.objects.filter(**window).exists():
+        return False
+    Entitlement.objects.create(
+        **window,
+        account_id=account_id,
+        expires_at=max(expires_at, starts_at),
+        seats=max(seats, 0),
+        stripe_invoice_id=stripe_invoice_id,
+    )
+    return True
 
 
 def update_entitlement(entitlement: Entitlement, *, reason: str, **fields) -> bool:
