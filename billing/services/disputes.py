@@ -15,17 +15,18 @@ from __future__ import annotations
 
 from ..models import Dispute
 from ..stripe_payloads import Event, read_dispute
+from .locks import get_or_create_locked
 from .snapshots import older_than_stored, save_snapshot
 
 
-def lock_dispute(stripe_id: str, defaults: dict) -> tuple[Dispute, bool]:
+def lock_dispute(stripe_id: str, defaults: dict, *, reason: str) -> tuple[Dispute, bool]:
     """The dispute's row, locked until the transaction ends; created with ``defaults`` if never seen.
 
     A row comes last in the lock order (``billing.services.locks``), and a dispute takes no lock
     before it. Two first deliveries of one dispute both try the INSERT; the second waits for the
-    first to commit, then finds and locks its row (``get_or_create`` reads again after the conflict).
+    first to commit, then finds and locks its row (``get_or_create_locked``).
     """
-    return Dispute.objects.select_for_update().get_or_create(stripe_id=stripe_id, defaults=defaults)
+    return get_or_create_locked(Dispute, {"stripe_id": stripe_id}, defaults, reason=reason)
 
 
 def mirror_dispute(event: Event) -> tuple[Dispute, bool]:
@@ -48,10 +49,8 @@ def mirror_dispute(event: Event) -> tuple[Dispute, bool]:
         "stripe_created": snap.created,
     }
     watermark = {"last_event_created": event.created, "last_event_id": event.id}
-    dispute, created = lock_dispute(snap.stripe_id, {**values, **watermark})
+    dispute, created = lock_dispute(snap.stripe_id, {**values, **watermark}, reason=event.type)
     if created:
-        # get_or_create saved it before a reason could be set: name the event on its first history row.
-        Dispute.history.filter(id=dispute.pk).update(history_change_reason=event.type)
         return dispute, True
     if older_than_stored(dispute, event):
         return dispute, False
