@@ -38,6 +38,7 @@ results go to ``backfill-reuse.*`` / ``backfill-command.*``.
 Results: ``<results_dir>/backfill[-quick].json`` and ``.md``. The harness never sets Django up:
 only the subprocesses (``manage.py``, the per-row loop) do.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,9 +64,8 @@ RENEWALS_PER_SUBSCRIPTION = 4
 PER_ROW_SAMPLE = 5_000
 BATCH_SIZE = 1_000
 
-GOAL_SECONDS_PER_MILLION = 60.0
+GOAL_SECONDS_PER_MILLION = 120.0  # issue 19: the rewritten, single-threaded backfill may take longer than 60 s
 GOAL_PEAK_RSS_MB = 300.0
-GOAL_FLOOR_RATIO = 3.0
 GOAL_PER_ROW_SPEEDUP = 20.0
 
 DAY = 86_400
@@ -91,8 +91,14 @@ def run(
     subscriptions = max(1, renewals // RENEWALS_PER_SUBSCRIPTION)
     renewals = subscriptions * RENEWALS_PER_SUBSCRIPTION
     url = _database_url(database_url, DATABASE)
-    result: dict = {"benchmark": "backfill", "renewals": renewals, "subscriptions": subscriptions,
-                    "quick": quick, "command_only": command_only, "meta": _meta(database_url)}
+    result: dict = {
+        "benchmark": "backfill",
+        "renewals": renewals,
+        "subscriptions": subscriptions,
+        "quick": quick,
+        "command_only": command_only,
+        "meta": _meta(database_url),
+    }
 
     reused = _reusable(url, subscriptions) if reuse else None
     if reuse and reused is None:
@@ -109,8 +115,10 @@ def run(
         if reused is None:
             log(f"backfill: generating {renewals:,} renewals of {subscriptions:,} subscriptions")
             result["generation"] = _generate(conn, subscriptions)
-            log(f"backfill: generated in {result['generation']['seconds']:.0f} s "
-                f"({result['generation']['events']:,} events)")
+            log(
+                f"backfill: generated in {result['generation']['seconds']:.0f} s "
+                f"({result['generation']['events']:,} events)"
+            )
         else:
             log(f"backfill: reusing {DATABASE} ({subscriptions:,} subscriptions)")
             result["generation"] = reused
@@ -143,8 +151,10 @@ def run(
             # Kept for --command-only runs on this data.
             conn.execute("CREATE TABLE IF NOT EXISTS bench_baselines (figures jsonb NOT NULL)")
             conn.execute("TRUNCATE bench_baselines")
-            conn.execute("INSERT INTO bench_baselines VALUES (%s::jsonb)",
-                         [json.dumps({"per_row": result["per_row"], "floor": result["floor"]})])
+            conn.execute(
+                "INSERT INTO bench_baselines VALUES (%s::jsonb)",
+                [json.dumps({"per_row": result["per_row"], "floor": result["floor"]})],
+            )
 
         log(f"backfill: manage.py backfill_renewal_invoices --batch-size {BATCH_SIZE}")
         _settle(conn)
@@ -164,20 +174,35 @@ def run(
     }
     scaled = "" if renewals == 1_000_000 else f" (scaled from {renewals:,})"
     result["goals"] = [
-        goal(f"1,000,000 renewals in < {GOAL_SECONDS_PER_MILLION:.0f} s",
-             projected < GOAL_SECONDS_PER_MILLION, f"{projected:.1f} s{scaled}"),
-        goal(f"peak RSS < {GOAL_PEAK_RSS_MB:.0f} MB",
-             command["peak_rss_mb"] < GOAL_PEAK_RSS_MB, f"{command['peak_rss_mb']:.0f} MB"),
-        goal(f"within {GOAL_FLOOR_RATIO:.0f}x of the set-based SQL floor",
-             command["seconds"] <= GOAL_FLOOR_RATIO * floor["seconds"],
-             f"{command['seconds'] / floor['seconds']:.2f}x ({floor['seconds']:.1f} s floor)"),
-        goal(f">= {GOAL_PER_ROW_SPEEDUP:.0f}x faster than the per-row loop",
-             result["per_row"]["projected_seconds"] >= GOAL_PER_ROW_SPEEDUP * command["seconds"],
-             f"{result['per_row']['projected_seconds'] / command['seconds']:.0f}x"),
-        goal("same links and dates as the floor, exit 0",
-             result["checks"]["same_state_as_floor"] and result["checks"]["links_as_generated"]
-             and command["exit_code"] == 0,
-             f"{command['state']['linked']:,} linked, {command['state']['dated']:,} dated"),
+        goal(
+            f"1,000,000 renewals in < {GOAL_SECONDS_PER_MILLION:.0f} s",
+            projected < GOAL_SECONDS_PER_MILLION,
+            f"{projected:.1f} s{scaled}",
+        ),
+        goal(
+            f"peak RSS < {GOAL_PEAK_RSS_MB:.0f} MB",
+            command["peak_rss_mb"] < GOAL_PEAK_RSS_MB,
+            f"{command['peak_rss_mb']:.0f} MB",
+        ),
+        # Reported, no longer a goal: issue 19 traded the threads that kept the backfill within
+        # 3x of the set-based floor for a module of about 400 lines ("it may take longer").
+        goal(
+            "time against the set-based SQL floor (reported, no longer a goal)",
+            None,
+            f"{command['seconds'] / floor['seconds']:.2f}x ({floor['seconds']:.1f} s floor)",
+        ),
+        goal(
+            f">= {GOAL_PER_ROW_SPEEDUP:.0f}x faster than the per-row loop",
+            result["per_row"]["projected_seconds"] >= GOAL_PER_ROW_SPEEDUP * command["seconds"],
+            f"{result['per_row']['projected_seconds'] / command['seconds']:.0f}x",
+        ),
+        goal(
+            "same links and dates as the floor, exit 0",
+            result["checks"]["same_state_as_floor"]
+            and result["checks"]["links_as_generated"]
+            and command["exit_code"] == 0,
+            f"{command['state']['linked']:,} linked, {command['state']['dated']:,} dated",
+        ),
     ]
     result["markdown"] = _markdown(result)
     stem = "backfill-quick" if quick else "backfill"
@@ -205,14 +230,24 @@ def _recreate_database(server_url: str) -> None:
 
 def _environment(url: str) -> dict:
     env = dict(os.environ)
-    env.update(DATABASE_URL=url, DJANGO_DEBUG="false", DJANGO_SECRET_KEY=env.get("DJANGO_SECRET_KEY") or "bench",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        DATABASE_URL=url,
+        DJANGO_DEBUG="false",
+        DJANGO_SECRET_KEY=env.get("DJANGO_SECRET_KEY") or "bench",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
 def _manage(url: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=_environment(url),
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=_environment(url),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode:
         raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
     return done.stdout
@@ -254,8 +289,9 @@ def _measure(url: str, *args: str) -> dict:
     """Run ``manage.py *args``; wall time and this child's own peak RSS (``_PeakRss``)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "manage.py", *args], cwd=ROOT, env=_environment(url),
-                                 stdout=out, stderr=err)
+        child = subprocess.Popen(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=_environment(url), stdout=out, stderr=err
+        )
         peak = _PeakRss(child.pid)
         os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: the pid is still its
         peak_kb = peak.stop()
@@ -302,17 +338,27 @@ _SUBS = """
       FROM (SELECT s, {base} + (s::bigint * 180 * {day}) / {subs} + (s * 7919) % 3600 AS a, s % 2 = 0 AS trial
               FROM generate_series(1, {subs}) AS s) AS x
 """
-BULK_TABLES = ("provisioning_account", "billing_subscription", "provisioning_entitlement", "billing_renewal",
-               "billing_stripeevent")
+BULK_TABLES = (
+    "provisioning_account",
+    "billing_subscription",
+    "provisioning_entitlement",
+    "billing_renewal",
+    "billing_stripeevent",
+)
 
 _GENERATE = [
-    ("accounts", """
+    (
+        "accounts",
+        """
         INSERT INTO provisioning_account (id, name, stripe_customer_id, billing_email, default_payment_method_id,
                                           payment_method_added_at, created_at, updated_at)
         SELECT s, 'Bench customer ' || s, 'cus_bench' || s, '', '', NULL, now(), now()
           FROM generate_series(1, {subs}) AS s
-    """),
-    ("subscriptions", """
+    """,
+    ),
+    (
+        "subscriptions",
+        """
         INSERT INTO billing_subscription (id, stripe_created, last_event_created, last_event_id, created_at,
                updated_at, stripe_id, status, quantity, price_id, current_period_start, current_period_end,
                trial_start, trial_end, cancel_at_period_end, cancel_at, canceled_at, ended_at, account_id)
@@ -321,8 +367,11 @@ _GENERATE = [
                CASE WHEN trial THEN to_timestamp(a) END, CASE WHEN trial THEN to_timestamp(f) END,
                false, NULL, NULL, NULL, s
           FROM ({subs_sql}) AS sub
-    """),
-    ("entitlements", """
+    """,
+    ),
+    (
+        "entitlements",
+        """
         INSERT INTO provisioning_entitlement (id, kind, seats, starts_at, expires_at, stripe_subscription_id,
                                               stripe_invoice_id, created_at, updated_at, account_id)
         SELECT (s - 1) * 4 + j + 1, CASE WHEN j = 0 AND trial THEN 'trial' ELSE 'paid' END, 1 + s % 5,
@@ -333,10 +382,13 @@ _GENERATE = [
                     ELSE 'in_bench' || s || '_' || (j - 1) END,
                now(), now(), s
           FROM ({subs_sql}) AS sub CROSS JOIN generate_series(0, 3) AS j
-    """),
+    """,
+    ),
     # Created in time order (renewal k of every subscription before k + 1), as provisioning
     # creates them: a subscription's renewals are spread over the table, as in production.
-    ("renewals", """
+    (
+        "renewals",
+        """
         INSERT INTO billing_renewal (id, processed_at, created_at, updated_at, from_entitlement_id,
                                      to_entitlement_id, subscription_id, effective_date, stripe_invoice_id)
         SELECT k * {subs} + s,
@@ -352,11 +404,14 @@ _GENERATE = [
                     WHEN s % 100 = 2 AND k = 1 THEN 'in_bench' || s || '_1_old' END
           FROM ({subs_sql}) AS sub CROSS JOIN generate_series(0, 3) AS k
          ORDER BY k, s
-    """),
+    """,
+    ),
     # Stored events in the order Stripe created them. Subscriptions s % 1000 = 4 have none;
     # for s % 100 = 3 both events of invoice 1 lost their lines (malformed). The payload is
     # written as text (format() then ::jsonb): much faster than nested jsonb_build_object.
-    ("events", """
+    (
+        "events",
+        """
         INSERT INTO billing_stripeevent (id, type, api_version, livemode, created, object_id, payload, status,
                                          attempts, last_error, received_at, processed_at)
         SELECT event_id, type, '2025-10-29.clover', false, to_timestamp(created), invoice_id,
@@ -391,7 +446,8 @@ _GENERATE = [
              WHERE s % 1000 <> 4
              ORDER BY start + CASE WHEN paid THEN 3600 ELSE 0 END, s
           ) AS events
-    """),
+    """,
+    ),
 ]
 
 
@@ -406,12 +462,15 @@ def _generate(conn, subscriptions: int) -> dict:
     conn.execute("SET session_replication_role = replica")
     conn.execute("SET maintenance_work_mem = '512MB'")
     conn.execute("SET work_mem = '256MB'")
-    indexes = conn.execute("""
+    indexes = conn.execute(
+        """
         SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
           FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid
          WHERE t.relname = ANY(%s)
            AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
-    """, [list(BULK_TABLES)]).fetchall()
+    """,
+        [list(BULK_TABLES)],
+    ).fetchall()
     for name, _ in indexes:
         conn.execute(f"DROP INDEX {name}")
     for name, sql in _GENERATE:
@@ -423,13 +482,18 @@ def _generate(conn, subscriptions: int) -> dict:
         conn.execute(definition)
     timings["indexes"] = round(time.perf_counter() - step, 1)
     conn.execute("SET session_replication_role = DEFAULT")
-    for table_name, sequence_of in (("provisioning_account", "id"), ("billing_subscription", "id"),
-                                    ("provisioning_entitlement", "id"), ("billing_renewal", "id")):
-        conn.execute(f"SELECT setval(pg_get_serial_sequence('{table_name}', '{sequence_of}'),"
-                     f" (SELECT max(id) FROM {table_name}))")
+    for table_name, sequence_of in (
+        ("provisioning_account", "id"),
+        ("billing_subscription", "id"),
+        ("provisioning_entitlement", "id"),
+        ("billing_renewal", "id"),
+    ):
+        conn.execute(
+            f"SELECT setval(pg_get_serial_sequence('{table_name}', '{sequence_of}'),"
+            f" (SELECT max(id) FROM {table_name}))"
+        )
     # The pristine renewals, to restore after each baseline.
-    conn.execute("CREATE TABLE bench_renewal_seed AS"
-                 " SELECT id, effective_date, stripe_invoice_id FROM billing_renewal")
+    conn.execute("CREATE TABLE bench_renewal_seed AS SELECT id, effective_date, stripe_invoice_id FROM billing_renewal")
     conn.execute("ALTER TABLE bench_renewal_seed ADD PRIMARY KEY (id)")
     step = time.perf_counter()
     conn.execute("VACUUM ANALYZE")
@@ -567,8 +631,14 @@ UPDATE billing_renewal r
 
 
 def _per_row_baseline(url: str, sample: int) -> dict:
-    done = subprocess.run([sys.executable, "-m", "bench.backfill", "_per-row", "--sample", str(sample)],
-                          cwd=ROOT, env=_environment(url), capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.backfill", "_per-row", "--sample", str(sample)],
+        cwd=ROOT,
+        env=_environment(url),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode:
         raise RuntimeError(f"per-row baseline failed:\n{done.stdout}\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -603,9 +673,10 @@ def _per_row_main(sample: int) -> None:
                 when = renewal.to_entitlement.starts_at
             elif renewal.from_entitlement_id:
                 when = renewal.from_entitlement.expires_at
-            elif subscription.trial_end and not Renewal.objects.filter(
-                subscription=subscription, pk__lt=renewal.pk
-            ).exists():
+            elif (
+                subscription.trial_end
+                and not Renewal.objects.filter(subscription=subscription, pk__lt=renewal.pk).exists()
+            ):
                 when = subscription.trial_end
             if when is not None:
                 renewal.effective_date = when
@@ -643,43 +714,71 @@ def _meta(database_url: str) -> dict:
             pg = conn.execute("SHOW server_version").fetchone()[0]
     except psycopg.Error:
         pg = None
-    return {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(), "postgres": pg,
-            "python": platform.python_version(), "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpus": os.cpu_count(),
+        "postgres": pg,
+        "python": platform.python_version(),
+        "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+    }
 
 
 def _markdown(result: dict) -> str:
     command, floor, per_row = result["command"], result["floor"], result["per_row"]
     n = result["renewals"]
     rows = [
-        ["backfill_renewal_invoices", f"{n:,}", f"{command['seconds']:.1f}", f"{command['rows_per_second']:,.0f}",
-         f"{command['peak_rss_mb']:.0f}", f"{command['state']['history_rows']:,}"],
-        ["set-based UPDATE ... FROM (floor)", f"{n:,}", f"{floor['seconds']:.1f}",
-         f"{n / floor['seconds']:,.0f}", "-", "0"],
-        [f"per-row ORM loop (Open edX 0028), sample", f"{per_row['rows']:,}", f"{per_row['seconds']:.1f}",
-         f"{per_row['rows_per_second']:,.0f}", "-", "-"],
+        [
+            "backfill_renewal_invoices",
+            f"{n:,}",
+            f"{command['seconds']:.1f}",
+            f"{command['rows_per_second']:,.0f}",
+            f"{command['peak_rss_mb']:.0f}",
+            f"{command['state']['history_rows']:,}",
+        ],
+        [
+            "set-based UPDATE ... FROM (floor)",
+            f"{n:,}",
+            f"{floor['seconds']:.1f}",
+            f"{n / floor['seconds']:,.0f}",
+            "-",
+            "0",
+        ],
+        [
+            "per-row ORM loop (Open edX 0028), sample",
+            f"{per_row['rows']:,}",
+            f"{per_row['seconds']:.1f}",
+            f"{per_row['rows_per_second']:,.0f}",
+            "-",
+            "-",
+        ],
         ["per-row ORM loop, scaled", f"{n:,}", f"{per_row['projected_seconds']:,.0f}", "-", "-", "-"],
     ]
     generation = result["generation"]
-    generated = ("reused from an earlier run" if generation.get("reused")
-                 else f"generated in {generation['seconds']:.0f} s")
+    generated = (
+        "reused from an earlier run" if generation.get("reused") else f"generated in {generation['seconds']:.0f} s"
+    )
     baselines = " (baselines as recorded by the last run that timed them)" if result.get("command_only") else ""
     summary = ", ".join(f"{label} {value:,}" for label, value in command["summary"].items() if value)
-    return "\n\n".join([
-        f"{n:,} renewals of {result['subscriptions']:,} subscriptions, {generation['events']:,} stored events "
-        f"({generation['events_size']}), {generated}{baselines}; "
-        f"`{' '.join(command['argv'])}`.",
-        table(["run", "renewals", "seconds", "renewals/s", "peak RSS MB", "history rows"], rows),
-        goals_table(result["goals"]),
-        f"Command summary: {summary}.",
-    ])
+    return "\n\n".join(
+        [
+            f"{n:,} renewals of {result['subscriptions']:,} subscriptions, {generation['events']:,} stored events "
+            f"({generation['events_size']}), {generated}{baselines}; "
+            f"`{' '.join(command['argv'])}`.",
+            table(["run", "renewals", "seconds", "renewals/s", "peak RSS MB", "history rows"], rows),
+            goals_table(result["goals"]),
+            f"Command summary: {summary}.",
+        ]
+    )
 
 
 def _write(result: dict, results_dir: Path, stem: str) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     quick = result["quick"]
     (results_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    text = f"# Benchmark `backfill`{' (quick)' if quick else ''}\n\n{result['meta']['when']}, " \
-           f"{result['meta']['cpus']} CPUs, PostgreSQL {result['meta']['postgres']}\n\n{result['markdown']}\n"
+    text = (
+        f"# Benchmark `backfill`{' (quick)' if quick else ''}\n\n{result['meta']['when']}, "
+        f"{result['meta']['cpus']} CPUs, PostgreSQL {result['meta']['postgres']}\n\n{result['markdown']}\n"
+    )
     (results_dir / f"{stem}.md").write_text(text)
     print(text, flush=True)
 
@@ -690,26 +789,40 @@ def main(argv=None) -> int:
     per_row = sub.add_parser("_per-row", help=argparse.SUPPRESS)
     per_row.add_argument("--sample", type=int, default=PER_ROW_SAMPLE)
     parser.add_argument("--renewals", type=int, default=1_000_000)
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL")
-                        or "postgres://postgres@127.0.0.1:5432/billing",
-                        help="Any database on the server to use; the benchmark makes its own.")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL") or "postgres://postgres@127.0.0.1:5432/billing",
+        help="Any database on the server to use; the benchmark makes its own.",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="100,000 renewals; goals on projections.")
-    parser.add_argument("--reuse", action="store_true",
-                        help="Reuse the database of an earlier run of the same size (its renewals restored)"
-                             " instead of generating it; reports go to backfill[-quick]-reuse.*.")
-    parser.add_argument("--command-only", action="store_true",
-                        help="With --reuse: skip the per-row loop and the floor, check the command against the"
-                             " floor's state recorded by the last run on this data; reports go to"
-                             " backfill[-quick]-command.*.")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="Reuse the database of an earlier run of the same size (its renewals restored)"
+        " instead of generating it; reports go to backfill[-quick]-reuse.*.",
+    )
+    parser.add_argument(
+        "--command-only",
+        action="store_true",
+        help="With --reuse: skip the per-row loop and the floor, check the command against the"
+        " floor's state recorded by the last run on this data; reports go to"
+        " backfill[-quick]-command.*.",
+    )
     args = parser.parse_args(argv)
     if args.command_only and not args.reuse:
         parser.error("--command-only needs --reuse")
     if args.mode == "_per-row":
         _per_row_main(args.sample)
         return 0
-    result = run(renewals=args.renewals, database_url=args.database_url, results_dir=args.results_dir,
-                 quick=args.quick, reuse=args.reuse, command_only=args.command_only)
+    result = run(
+        renewals=args.renewals,
+        database_url=args.database_url,
+        results_dir=args.results_dir,
+        quick=args.quick,
+        reuse=args.reuse,
+        command_only=args.command_only,
+    )
     return 0 if all(g["result"] == "PASS" for g in result["goals"]) else 1
 
 

@@ -5,12 +5,13 @@ Events are built with ``billing.simulation.objects`` (Stripe's shapes) and store
 stores them. ``build_world`` makes one row of every case the backfill must tell apart; it takes
 the model classes, so ``test_migrations`` builds the same world with the frozen models of 0002.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
@@ -30,7 +31,7 @@ TRIAL_END = T0 + 14 * DAY
 
 
 def utc(unix: int) -> datetime:
-    return datetime.fromtimestamp(unix, tz=timezone.utc)
+    return datetime.fromtimestamp(unix, tz=UTC)
 
 
 # --- Stripe-shaped invoice events, stored as the inbox stores them ----------------------------
@@ -158,10 +159,22 @@ def build_world(m) -> dict:
 
     r = {}
     a = sub("a", trial_start=utc(T0), trial_end=utc(TRIAL_END), current_period_end=utc(TRIAL_END + 60 * DAY))
-    m.Entitlement.objects.create(account=account, kind="trial", seats=1, starts_at=utc(T0),
-                                 expires_at=utc(TRIAL_END), stripe_subscription_id="sub_a")
-    m.Entitlement.objects.create(account=account, kind="paid", seats=1, starts_at=utc(TRIAL_END),
-                                 expires_at=utc(TRIAL_END + 30 * DAY), stripe_subscription_id="sub_a")
+    m.Entitlement.objects.create(
+        account=account,
+        kind="trial",
+        seats=1,
+        starts_at=utc(T0),
+        expires_at=utc(TRIAL_END),
+        stripe_subscription_id="sub_a",
+    )
+    m.Entitlement.objects.create(
+        account=account,
+        kind="paid",
+        seats=1,
+        starts_at=utc(TRIAL_END),
+        expires_at=utc(TRIAL_END + 30 * DAY),
+        stripe_subscription_id="sub_a",
+    )
     r["a0"], r["a1"] = renewal(a), renewal(a)
     store_invoice(m.StripeEvent, "in_a_trial", "sub_a", T0, end=TRIAL_END, billing_reason="subscription_create")
     store_invoice(m.StripeEvent, "in_a0", "sub_a", TRIAL_END)
@@ -202,7 +215,9 @@ def build_world(m) -> dict:
     r["l0"] = renewal(legacy, T0)
     store_invoice(m.StripeEvent, "in_l0", "sub_l", T0, legacy=True)
 
-    store(m.StripeEvent, {"id": "evt_not_an_object", "type": "invoice.created", "created": T0, "data": {"object": "in_x"}})
+    store(
+        m.StripeEvent, {"id": "evt_not_an_object", "type": "invoice.created", "created": T0, "data": {"object": "in_x"}}
+    )
     store(m.StripeEvent, "not an event at all")
     return r
 
@@ -226,8 +241,10 @@ WORLD_AFTER = {
 
 
 def world_state(renewal_model, renewals: dict) -> dict:
-    rows = {pk: (when, invoice) for pk, when, invoice in
-            renewal_model.objects.values_list("pk", "effective_date", "stripe_invoice_id")}
+    rows = {
+        pk: (when, invoice)
+        for pk, when, invoice in renewal_model.objects.values_list("pk", "effective_date", "stripe_invoice_id")
+    }
     return {name: rows[r.pk] for name, r in renewals.items()}
 
 
@@ -245,9 +262,10 @@ def run(**kwargs) -> BackfillReport:
 
 @pytest.fixture(params=["postgresql", "portable"])
 def source(request, monkeypatch):
-    """Run each test with the PostgreSQL statements and with the ORM path SQLite uses."""
+    """Run each test with the PostgreSQL statements (event lookup by migration 0003's expression,
+    the one-statement write) and with the ORM forms SQLite uses (JSON lookups, ``bulk_update``)."""
     if request.param == "portable":
-        monkeypatch.setattr(backfill, "_PostgresSource", backfill._PortableSource)
+        monkeypatch.setattr(backfill._Run, "postgresql", False)
     return request.param
 
 
@@ -255,13 +273,13 @@ def source(request, monkeypatch):
 
 
 def _renewal(**fields):
-    values = dict(pk=1, effective_date=None, stripe_invoice_id=None, processed_at=None)
+    values = dict(pk=1, effective_date=None, stripe_invoice_id=None, processed=False)
     values.update(fields)
     return backfill._Renewal(**values)
 
 
 def _sub(trial_end=None, current_period_end=None):
-    return backfill._Subscription(1, "sub_1", trial_end, current_period_end)
+    return SimpleNamespace(pk=1, stripe_id="sub_1", trial_end=trial_end, current_period_end=current_period_end)
 
 
 def test_effective_date_comes_from_the_most_direct_evidence():
@@ -280,21 +298,26 @@ def test_effective_date_comes_from_the_most_direct_evidence():
     assert derived_effective_date(1, [_renewal(), _renewal()], _sub(trial_end=t[0]), [t[1], t[2]]) == t[1]
     # ... else, for the latest renewal not processed yet, the current period's end
     assert derived_effective_date(1, [_renewal(), _renewal()], _sub(current_period_end=t[4]), []) == t[4]
-    assert derived_effective_date(
-        1, [_renewal(), _renewal(processed_at=t[0])], _sub(current_period_end=t[4]), []
-    ) is None
+    assert derived_effective_date(1, [_renewal(), _renewal(processed=True)], _sub(current_period_end=t[4]), []) is None
     assert derived_effective_date(0, [_renewal(), _renewal()], _sub(current_period_end=t[4]), []) is None
 
 
 def test_service_period_is_the_subscription_line_of_read_invoice():
-    proration = invoice_line_object(id="il_p", invoice="in_1", amount=-500, period_start=T0 + 5 * DAY,
-                                    period_end=T0 + 30 * DAY, subscription="sub_1", proration=True,
-                                    invoice_item="ii_1")
+    proration = invoice_line_object(
+        id="il_p",
+        invoice="in_1",
+        amount=-500,
+        period_start=T0 + 5 * DAY,
+        period_end=T0 + 30 * DAY,
+        subscription="sub_1",
+        proration=True,
+        invoice_item="ii_1",
+    )
     event = invoice_event("invoice.created", "in_1", "sub_1", T0 + 30 * DAY, extra_lines=(proration,))
     obj = event["data"]["object"]
     assert service_period_start(obj, "sub_1") == utc(T0 + 30 * DAY)
-    assert service_period_start(json.dumps(event), "sub_1") == utc(T0 + 30 * DAY)  # as PostgreSQL sends it
-    for unreadable in (json.dumps({"data": "in_1"}), json.dumps(["evt"]), "{not json"):
+    assert service_period_start(json.dumps(obj), "sub_1") == utc(T0 + 30 * DAY)  # as a batch reads it
+    for unreadable in (json.dumps("in_1"), json.dumps(["evt"]), "{not json", None):
         with pytest.raises(backfill._Unreadable):
             service_period_start(unreadable, "sub_1")
     legacy = invoice_event("invoice.created", "in_2", "sub_1", T0, legacy=True)["data"]["object"]
@@ -353,8 +376,76 @@ def test_history_records_each_change_once_with_its_reason(source):
     assert Renewal.history.count() - before == rows.count() == Expected.history_rows
     a0 = rows.get(id=renewals["a0"].pk)
     assert (a0.history_type, a0.effective_date, a0.stripe_invoice_id, a0.subscription_id) == (
-        "~", utc(TRIAL_END), "in_a0", renewals["a0"].subscription_id
+        "~",
+        utc(TRIAL_END),
+        "in_a0",
+        renewals["a0"].subscription_id,
     )
+
+
+@pytest.mark.django_db
+def test_history_rows_are_those_simple_history_writes_on_a_save(source):
+    """Same columns, same values: a backfilled row equals the one ``save()`` would have written."""
+    renewals = build_world(real_models())
+    Renewal.objects.filter(pk=renewals["a0"].pk).update(processed_at=utc(TRIAL_END + 3600))  # no column left null
+    run()
+    ours = (
+        Renewal.history.filter(history_change_reason=backfill.HISTORY_CHANGE_REASON).values().get(id=renewals["a0"].pk)
+    )
+
+    renewal = Renewal.objects.get(pk=renewals["a0"].pk)
+    renewal._change_reason = backfill.HISTORY_CHANGE_REASON
+    renewal.save()
+    theirs = (
+        Renewal.history.exclude(history_id=ours["history_id"]).values().filter(id=renewal.pk).latest("history_date")
+    )
+
+    assert ours.keys() == theirs.keys()
+    differ = {"history_id", "history_date", "updated_at"}  # the row's own id and the instants of the two writes
+    assert {k: v for k, v in ours.items() if k not in differ} == {k: v for k, v in theirs.items() if k not in differ}
+    assert (ours["history_type"], ours["history_user_id"]) == ("~", None)
+    assert ours["history_date"] == ours["updated_at"]
+
+
+@pytest.mark.django_db
+def test_a_value_written_by_a_live_handler_during_a_batch_is_kept(monkeypatch):
+    """The batch reads without locks; its write keeps what a live handler wrote in between."""
+    renewals = build_world(real_models())
+    write = backfill._Run.write
+
+    def live_handler_first(self, changes):
+        Renewal.objects.filter(pk=renewals["a0"].pk).update(stripe_invoice_id="in_live")
+        return write(self, changes)
+
+    monkeypatch.setattr(backfill._Run, "write", live_handler_first)
+    report = run()
+
+    state = world_state(Renewal, renewals)
+    assert state["a0"] == (WORLD_AFTER["a0"][0], "in_live")  # its date written, its link the handler's
+    assert {k: v for k, v in state.items() if k != "a0"} == {k: v for k, v in WORLD_AFTER.items() if k != "a0"}
+    assert report.history_rows == report.renewals_changed == Expected.renewals_changed
+
+
+@pytest.mark.django_db
+def test_a_batch_that_meets_a_unique_violation_is_decided_again(source, monkeypatch, caplog):
+    from django.db import IntegrityError
+
+    renewals = build_world(real_models())
+    write, calls = backfill._Run.write, []
+
+    def collide_once(self, changes):
+        calls.append(len(changes))
+        result = write(self, changes)
+        if len(calls) == 1:
+            raise IntegrityError("duplicate key value violates unique constraint")  # rolls the batch back
+        return result
+
+    monkeypatch.setattr(backfill._Run, "write", collide_once)
+    report = run()
+
+    assert calls[0] == calls[1] and "met a concurrent change" in caplog.text
+    assert world_state(Renewal, renewals) == WORLD_AFTER
+    Expected().check(report)
 
 
 @pytest.mark.django_db
@@ -411,37 +502,10 @@ def test_first_snapshot_that_matches_wins_like_the_live_handlers(source):
     assert (report.linked, report.conflicts, report.malformed, report.unmatched) == (2, 1, 0, 0)
 
 
-def postgres_source():
-    return backfill._PostgresSource(renewal_model=Renewal, subscription_model=Subscription, event_model=StripeEvent,
-                                    entitlement_model=Entitlement, history_model=None, using="default")
-
-
 @pytest.mark.django_db
-def test_event_lookup_sends_a_payload_only_where_a_snapshot_can_name_another_period():
-    """PostgreSQL prints an event's payload only for an invoice's first event, a later one whose
-    lines, parent or subscription changed, and one whose lines are unreadable."""
-    first = invoice_event("invoice.created", "in_1", "sub_x", T0 + 30 * DAY)
-    store(StripeEvent, first)
-    store(StripeEvent, invoice_event("invoice.paid", "in_1", "sub_x", T0 + 30 * DAY))  # the same lines
-    store(StripeEvent, invoice_event("invoice.created", "in_2", "sub_x", T0 + 60 * DAY))
-    store(StripeEvent, invoice_event("invoice.paid", "in_2", "sub_x", T0 + 61 * DAY))  # its line moved
-    for event_type in ("invoice.created", "invoice.paid"):  # the same lines, without their data array
-        broken = invoice_event(event_type, "in_3", "sub_x", T0 + 90 * DAY)
-        broken["data"]["object"]["lines"] = {"object": "list"}
-        store(StripeEvent, broken)
-
-    invoices = postgres_source().invoice_events(["sub_x"])["sub_x"]
-
-    sent = {invoice: [payload is not None for _, payload in events] for invoice, events in invoices.items()}
-    assert sent == {"in_1": [True, False], "in_2": [True, True], "in_3": [True, True]}
-    assert json.loads(invoices["in_1"][0][1]) == first
-    assert [event_id for event_id, _ in invoices["in_1"]] == [first["id"], invoices["in_1"][1][0]]
-
-
-@pytest.mark.django_db
-def test_a_snapshot_after_an_unreadable_one_with_the_same_lines_is_read_on_its_own(source, monkeypatch):
+def test_a_snapshot_after_an_unreadable_one_with_the_same_lines_is_read_on_its_own(source):
     """The draft names no customer (the live handler fails on it); the paid snapshot, with the same
-    lines, is read and links. PostgreSQL did not send its payload: it is fetched, alone."""
+    lines, is read and links."""
     account = Account.objects.create(name="x", stripe_customer_id="cus_x")
     sub = Subscription.objects.create(stripe_id="sub_x", account=account, status="active")
     renewal = Renewal.objects.create(subscription=sub, effective_date=utc(T0 + 30 * DAY))
@@ -450,44 +514,12 @@ def test_a_snapshot_after_an_unreadable_one_with_the_same_lines_is_read_on_its_o
     store(StripeEvent, draft)
     paid = invoice_event("invoice.paid", "in_1", "sub_x", T0 + 30 * DAY)
     store(StripeEvent, paid)
-    fetched = []
-    source_class = backfill._PostgresSource  # the ORM one under the "portable" parameter
-    fetch = source_class.event_payload
-
-    def spy(self, event_id):
-        fetched.append(event_id)
-        return fetch(self, event_id)
-
-    monkeypatch.setattr(source_class, "event_payload", spy)
 
     report = run()
 
     renewal.refresh_from_db()
     assert renewal.stripe_invoice_id == "in_1"
     assert (report.linked, report.malformed, report.unmatched) == (1, 0, 0)
-    # The ORM path has every payload already; PostgreSQL's sent only the draft's.
-    assert fetched == ([paid["id"]] if source == "postgresql" else [])
-
-
-@pytest.mark.django_db
-def test_a_run_collects_garbage_less_often_and_puts_the_collector_back(source):
-    import gc
-
-    build_world(real_models())
-    before, during = gc.get_threshold(), []
-
-    def look(report):
-        during.append((gc.get_threshold()[0], gc.get_freeze_count() > 0))
-        if report.batches == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(batch_size=2, progress=look)
-    # [0]: the total is known, before the batches; then one per committed batch.
-    assert during == [(before[0], False)] + [(backfill.GC_THRESHOLD_DURING_RUN, True)] * 2
-    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
-    run(batch_size=2)
-    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
 
 @pytest.mark.django_db
@@ -532,8 +564,9 @@ def test_queries_per_batch_do_not_grow_with_rows(source):
     def world(n, prefix):
         account = Account.objects.create(name=prefix, stripe_customer_id=f"cus_{prefix}")
         for i in range(n):
-            sub = Subscription.objects.create(stripe_id=f"sub_{prefix}{i}", account=account, status="active",
-                                              trial_end=utc(TRIAL_END))
+            sub = Subscription.objects.create(
+                stripe_id=f"sub_{prefix}{i}", account=account, status="active", trial_end=utc(TRIAL_END)
+            )
             Renewal.objects.create(subscription=sub)
             Renewal.objects.create(subscription=sub, effective_date=utc(TRIAL_END + 30 * DAY))
             store_invoice(StripeEvent, f"in_{prefix}{i}a", sub.stripe_id, TRIAL_END)
@@ -626,7 +659,10 @@ def deliver_lifecycles_in_order(client, customers: int, seed: int):
 
 
 def live_renewals():
-    return {pk: (when, invoice) for pk, when, invoice in Renewal.objects.values_list("pk", "effective_date", "stripe_invoice_id")}
+    return {
+        pk: (when, invoice)
+        for pk, when, invoice in Renewal.objects.values_list("pk", "effective_date", "stripe_invoice_id")
+    }
 
 
 @pytest.mark.django_db
@@ -654,32 +690,3 @@ def test_backfill_also_derives_the_dates_the_live_handlers_planned(client, webho
 
     assert live_renewals() == live
     assert report.effective_dates_derived == len(live) and report.effective_dates_underivable == 0
-
-
-@pytest.mark.django_db
-def test_array_literals_round_trip_any_text():
-    values = ["in_1", 'a"b', "back\\slash", "comma,brace}{", "sp ace", "", None, "é", "NULL"]
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT %s::text[]", [backfill._pg_array(values)])
-        assert cursor.fetchone()[0] == values
-        cursor.execute("SELECT %s::bigint[]", [backfill._pg_array([1, None, 2**40])])
-        assert cursor.fetchone()[0] == [1, None, 2**40]
-
-
-@pytest.mark.django_db
-def test_event_lookup_settings_last_only_for_the_lookup():
-    """The bitmap-scan and prefetch settings are put back: a caller's transaction keeps its own."""
-    build_world(real_models())
-    source = backfill._PostgresSource(renewal_model=Renewal, subscription_model=Subscription, event_model=StripeEvent,
-                                      entitlement_model=Entitlement, history_model=None, using="default")
-    with connection.cursor() as cursor:
-        cursor.execute("SET LOCAL effective_io_concurrency = 3")
-        with CaptureQueriesContext(connection) as queries:
-            invoices = source.invoice_events(["sub_a"])
-        cursor.execute("SELECT current_setting('enable_indexscan'), current_setting('effective_io_concurrency')")
-        assert cursor.fetchone() == ("on", "3")
-    assert {"in_a0", "in_a1"} <= set(invoices["sub_a"])
-    sql = [q["sql"] for q in queries]
-    lookup = next(i for i, q in enumerate(sql) if "payload #>> '{data,object,parent" in q)
-    assert any("'enable_indexscan', 'off'" in q for q in sql[:lookup])
-    assert any(f"'effective_io_concurrency', '{backfill.PREFETCH_PAGES}'" in q for q in sql[:lookup])

@@ -1,4 +1,5 @@
 """``manage.py backfill_renewal_invoices``: options, summary, dry run, resume, idempotence."""
+
 from __future__ import annotations
 
 import io
@@ -154,61 +155,53 @@ def test_progress_is_a_bar_with_rate_and_eta_on_a_terminal(world):
     assert re.search(r"row/s", bar)
 
 
-# --- The overlapped run (reader and writer threads), as the command runs on PostgreSQL ---------
+# --- Committed for real, as ``manage.py`` runs ------------------------------------------------
 #
-# The tests above run inside a transaction, where the backfill goes one batch at a time on the
-# test's connection. Outside one, as ``manage.py`` runs, batches are read and written on
-# connections of their own: these tests commit for real to see that path.
-
-
-@pytest.fixture
-def overlapped(monkeypatch):
-    from billing import backfill as service
-
-    calls = []
-    overlap = service._overlap
-
-    def spy(*args, **kwargs):
-        calls.append(args[-1])  # the keyset position it starts after
-        return overlap(*args, **kwargs)
-
-    monkeypatch.setattr(service, "_overlap", spy)
-    return calls
+# The tests above run inside the test's transaction, where each batch is a savepoint. These
+# commit for real: each batch is a transaction of its own, so what an interruption or a failure
+# leaves behind is what the batches before it committed.
 
 
 @pytest.mark.django_db(transaction=True)
-def test_overlapped_run_reaches_the_same_state_and_counts(overlapped, caplog):
+def test_committed_run_reaches_the_same_state_and_counts():
     world = build_world(real_models())
 
     out, _ = backfill("--batch-size", "2")
 
-    assert overlapped[0] is None  # the threaded path ran
-    assert len(overlapped) == 2  # ... and was resumed once, after sub_g's batch hit the unique constraint
-    assert "unique constraint" in caplog.text
     expected = Expected()
     counts = figures(out)
-    assert (counts["renewals changed"], counts["linked"], counts["already linked"], counts["conflicts"],
-            counts["malformed invoices"], counts["history rows written"]) == (
-        expected.renewals_changed, expected.linked, expected.already_linked, expected.conflicts,
-        expected.malformed, expected.history_rows)
+    assert (
+        counts["renewals changed"],
+        counts["linked"],
+        counts["already linked"],
+        counts["conflicts"],
+        counts["malformed invoices"],
+        counts["history rows written"],
+    ) == (
+        expected.renewals_changed,
+        expected.linked,
+        expected.already_linked,
+        expected.conflicts,
+        expected.malformed,
+        expected.history_rows,
+    )
     assert world_state(Renewal, world) == WORLD_AFTER
 
 
 @pytest.mark.django_db(transaction=True)
-def test_overlapped_dry_run_changes_nothing(overlapped):
+def test_committed_dry_run_changes_nothing():
     world = build_world(real_models())
     before, history = world_state(Renewal, world), Renewal.history.count()
 
     out, _ = backfill("--dry-run", "--batch-size", "2")
 
-    assert overlapped == [None]
     assert figures(out)["renewals that would change"] == Expected.renewals_changed
     assert figures(out)["already linked"] == Expected.already_linked
     assert world_state(Renewal, world) == before and Renewal.history.count() == history
 
 
 @pytest.mark.django_db(transaction=True)
-def test_overlapped_run_interrupted_then_resumed(overlapped, monkeypatch):
+def test_committed_run_interrupted_then_resumed(monkeypatch):
     world = build_world(real_models())
     feed = command._ProgressAdapter.__call__
 
@@ -234,62 +227,24 @@ def test_overlapped_run_interrupted_then_resumed(overlapped, monkeypatch):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_overlapped_batches_are_decided_in_key_order_whichever_reader_finishes_first(overlapped, monkeypatch):
-    """Two readers read ahead in parallel; the first batch is made the slowest to read."""
-    import threading
-    import time
-
-    from billing import backfill as service
-
-    assert service.READERS >= 2
-    world = build_world(real_models())
-    read, decided = service._read_batch, []
-    first_started = threading.Event()
-
-    def slow_first(source, scope, subscription_pks, **kwargs):
-        if not first_started.is_set():
-            first_started.set()
-            time.sleep(0.3)  # the other reader reads the next batches meanwhile
-        return read(source, scope, subscription_pks, **kwargs)
-
-    decide = service._decide_batch
-
-    def record(data, dry_run):
-        decided.append(sorted(data.subscriptions))
-        return decide(data, dry_run)
-
-    monkeypatch.setattr(service, "_read_batch", slow_first)
-    monkeypatch.setattr(service, "_decide_batch", record)
-    backfill("--batch-size", "2")
-
-    assert overlapped[0] is None and len(decided) > 2
-    keys = [pk for batch in decided for pk in batch]
-    # Ascending, but for the one step back where sub_g's batch, after its unique violation, is
-    # decided again on its own and the overlap resumes after it: no batch overtook one before it.
-    steps_back = [i for i in range(1, len(keys)) if keys[i] < keys[i - 1]]
-    assert len(overlapped) == 2 and len(steps_back) == 1
-    assert keys[:steps_back[0]] == sorted(keys[:steps_back[0]]) and keys[steps_back[0]:] == sorted(keys[steps_back[0]:])
-    assert world_state(Renewal, world) == WORLD_AFTER
-
-
-@pytest.mark.django_db(transaction=True)
-def test_a_reader_failure_stops_the_run_and_a_rerun_completes(overlapped, monkeypatch):
+def test_a_failure_stops_the_run_and_a_rerun_completes(monkeypatch):
     from billing import backfill as service
 
     world = build_world(real_models())
-    events, calls = service._PostgresSource.invoice_events, []
+    read, calls = service._Run.read_invoices, []
 
     def fail_on_second_batch(self, stripe_ids):
         calls.append(stripe_ids)
         if len(calls) == 2:
             raise RuntimeError("the database went away")
-        return events(self, stripe_ids)
+        return read(self, stripe_ids)
 
-    monkeypatch.setattr(service._PostgresSource, "invoice_events", fail_on_second_batch)
+    monkeypatch.setattr(service._Run, "read_invoices", fail_on_second_batch)
     with pytest.raises(RuntimeError, match="went away"):
         backfill("--batch-size", "2")
-    assert world_state(Renewal, world) != WORLD_AFTER
+    partial = world_state(Renewal, world)
+    assert partial["a0"] == WORLD_AFTER["a0"] and partial != WORLD_AFTER  # the first batch stays committed
 
-    monkeypatch.setattr(service._PostgresSource, "invoice_events", events)
+    monkeypatch.setattr(service._Run, "read_invoices", read)
     backfill("--batch-size", "2")
     assert world_state(Renewal, world) == WORLD_AFTER

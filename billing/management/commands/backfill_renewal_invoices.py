@@ -14,8 +14,8 @@ terminal, a line every few seconds otherwise), the summary to stdout.
 
 from django.core.management.base import BaseCommand, CommandError
 
-from billing.management.options import parse_since
 from billing.backfill import DEFAULT_BATCH_SIZE, BackfillReport, backfill_renewal_invoices
+from billing.management.options import parse_since
 from billing.models import Renewal, StripeEvent, Subscription
 from billing.progress import Progress
 from provisioning.models import Entitlement
