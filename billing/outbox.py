@@ -29,6 +29,7 @@ import time
 from django.conf import settings
 from django.db import transaction
 
+from . import sql
 from .models import OwedEmail
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 def owe_email(kind: str, *, key: str, account, invoice=None, subscription=None) -> OwedEmail | None:
     """Record that ``kind`` is owed (once per ``key``); send it after commit. None if already owed."""
-    from . import sql
     from .tasks import send_owed_email
 
     owed = OwedEmail(key=key, kind=kind, account=account, invoice=invoice, subscription=subscription)

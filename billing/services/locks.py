@@ -46,14 +46,14 @@ def lock_account(customer: CustomerRef) -> Account:
     return account
 
 
-def lock_payment(payment_intent_id: str, **defaults) -> Payment:
-    """The Payment of a PaymentIntent, locked; created (with ``defaults``) if never seen.
+def lock_payment(payment_intent_id: str) -> Payment:
+    """The Payment of a PaymentIntent, locked; created if never seen.
 
     ``payment_intent_id`` is ``charge:<id>`` for a charge that names no PaymentIntent. Two
     first writers of one payment both try the INSERT; the second waits for the first to commit,
     then finds and locks its row.
     """
-    return get_or_create_locked(Payment, {"payment_intent_id": payment_intent_id}, defaults)[0]
+    return get_or_create_locked(Payment, {"payment_intent_id": payment_intent_id}, {})[0]
 
 
 def get_or_create_locked(model, unique: dict, defaults: dict, *, reason: str | None = None):

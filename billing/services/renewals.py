@@ -31,10 +31,10 @@ def ensure_renewal(sub: Subscription, effective_date: datetime) -> Renewal:
     start, end = matching.utc_day(effective_date)
     same_day = Renewal.objects.filter(subscription=sub, effective_date__gte=start, effective_date__lt=end)
     renewal = matching.pick_by_instant(((r.effective_date, r) for r in same_day), effective_date)
-    if renewal is None:
-        renewal = Renewal(subscription=sub, effective_date=effective_date)
-        sql.create_with_history(renewal, reason=None)
-        link_renewal_to_invoice(renewal)
+    if renewal is None:  # stepped aside for an invoice of that day that waits: link it
+        sql.create_with_history(planned, reason=None)
+        link_renewal_to_invoice(planned)
+        renewal = planned
     return renewal
 
 
@@ -47,8 +47,7 @@ def link_renewal_to_invoice(renewal: Renewal) -> None:
     ).exclude(stripe_id__in=linked.values("stripe_invoice_id"))
     invoice = matching.pick_by_instant(((i.period_start, i) for i in candidates), renewal.effective_date)
     if invoice is not None:
-        renewal.stripe_invoice_id = invoice.stripe_id
-        sql.save_with_history(renewal, ["stripe_invoice_id"], reason=f"linked to {invoice.stripe_id}")
+        _link(renewal, invoice)
 
 
 def link_invoice_to_renewal(
@@ -86,8 +85,7 @@ def link_invoice_to_renewal(
     )
     renewal = decision.renewal
     if decision.outcome == matching.Decision.LINK:
-        renewal.stripe_invoice_id = invoice.stripe_id
-        sql.save_with_history(renewal, ["stripe_invoice_id"], reason=f"linked to {invoice.stripe_id}")
+        _link(renewal, invoice)
     elif decision.outcome == matching.Decision.CONFLICT:
         logger.warning(
             "renewal %s is linked to %s; ignoring conflicting invoice %s",
@@ -96,6 +94,11 @@ def link_invoice_to_renewal(
             invoice.stripe_id,
         )
     return renewal
+
+
+def _link(renewal: Renewal, invoice: Invoice) -> None:
+    renewal.stripe_invoice_id = invoice.stripe_id
+    sql.save_with_history(renewal, ["stripe_invoice_id"], reason=f"linked to {invoice.stripe_id}")
 
 
 def relink_renewal_entitlements(sub: Subscription, processing: tuple[Renewal, datetime, str] | None = None) -> None:
