@@ -7,7 +7,10 @@ subscription; links from stored invoice events, by the live handlers' rule (``re
 ``matching.decide_link``). Batches of whole subscriptions, by keyset on ``subscription_id``
 among renewals still missing a value: a re-run resumes, and a run after a complete one changes
 nothing. Each batch: a few ORM queries, decisions in Python, one set-based write with its
-history rows, one transaction. See docs/decisions/0004-backfill-renewal-invoices.rst.
+history rows, one transaction. PostgreSQL only: the events are found through migration 0003's
+expression index, and the write is one ``UPDATE ... FROM unnest()`` statement (SQLite, for
+``make run``, starts empty and has nothing to backfill). See
+docs/decisions/0004-backfill-renewal-invoices.rst.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime
 
 import orjson
-from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, NotSupportedError, connections, transaction
 from django.db.models import CharField, OuterRef, Q, Subquery, TextField, Value
 from django.db.models.expressions import RawSQL
 from django.db.models.fields.json import KT
@@ -127,6 +130,8 @@ def backfill_renewal_invoices(
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if connections[using].vendor != "postgresql":
+        raise NotSupportedError("the renewal backfill runs on PostgreSQL only")
     started = time.monotonic()
     if isinstance(since, date) and not isinstance(since, datetime):
         since = datetime(since.year, since.month, since.day, tzinfo=UTC)
@@ -327,11 +332,6 @@ class _Run:
         if subscription_ids:
             self.scope &= Q(subscription__stripe_id__in=subscription_ids)
 
-    @property
-    def postgresql(self) -> bool:
-        """On PostgreSQL, events are found through migration 0003's index, and written in one statement."""
-        return connections[self.using].vendor == "postgresql"
-
     def renewals_in_scope(self):
         return self.renewals.filter(self.scope)
 
@@ -344,11 +344,7 @@ class _Run:
 
     def invoice_events(self):
         """Invoice events, with the subscription each names (``named``) and its ``data.object`` as JSON text."""
-        if self.postgresql:
-            named = RawSQL(EVENT_SUBSCRIPTION_SQL, (), output_field=CharField())
-        else:
-            parent = KT("payload__data__object__parent__subscription_details__subscription")
-            named = Coalesce(parent, KT("payload__data__object__subscription"))
+        named = RawSQL(EVENT_SUBSCRIPTION_SQL, (), output_field=CharField())  # what 0003's index holds
         text = Cast("payload__data__object", TextField())
         return self.events.filter(type__in=INVOICE_EVENT_TYPES).annotate(named=named, text=text)
 
@@ -427,33 +423,16 @@ class _Run:
     def write(self, changes: list[_Renewal]) -> tuple[int, int]:
         """Write the batch's decisions and their history rows; (renewals updated, history rows).
 
-        A history row is what django-simple-history writes on a save: every tracked field, type
-        "~", no user, and the backfill's change reason.
+        One statement: ``UPDATE ... FROM unnest(arrays)``, and the history rows' ``INSERT`` fed
+        by its ``RETURNING``; a history row is what django-simple-history writes on a save
+        (every tracked field, type "~", no user, the backfill's reason). The batch's reads take
+        no locks, so ``COALESCE`` keeps a value a live handler wrote since: nothing is
+        overwritten, and a unique violation redoes the batch. (Column names are the fields'
+        attnames, as migrations 0001 and 0002 create them.)
         """
         now = datetime.now(UTC)
         history = {f.attname for f in self.history_model._meta.concrete_fields} if self.history_model else ()
         tracked = [f.attname for f in self.renewal_model._meta.concrete_fields if f.attname in history]
-        if self.postgresql:
-            return self.write_postgresql(changes, now, tracked)
-        Renewal = self.renewal_model
-        rows = [
-            Renewal(pk=r.pk, effective_date=r.effective_date, stripe_invoice_id=r.stripe_invoice_id, updated_at=now)
-            for r in changes
-        ]
-        updated = self.renewals.bulk_update(rows, ["effective_date", "stripe_invoice_id", "updated_at"])
-        if not tracked:
-            return updated, 0
-        bookkeeping = {"history_date": now, "history_type": "~", "history_change_reason": HISTORY_CHANGE_REASON}
-        current = self.renewals.filter(pk__in=[r.pk for r in changes]).values_list(*tracked)
-        history = [self.history_model(**dict(zip(tracked, row, strict=True)), **bookkeeping) for row in current]
-        return updated, len(self.history_model._default_manager.db_manager(self.using).bulk_create(history))
-
-    def write_postgresql(self, changes: list[_Renewal], now: datetime, tracked: list[str]) -> tuple[int, int]:
-        """One statement: ``UPDATE ... FROM unnest(arrays)``, and the history rows' ``INSERT`` fed
-        by its ``RETURNING``. The batch's reads take no locks, so ``COALESCE`` keeps a value a live
-        handler wrote since: nothing is overwritten, and a unique violation redoes the batch.
-        (Column names are the fields' attnames, as migrations 0001 and 0002 create them.)
-        """
         quote = connections[self.using].ops.quote_name
         update = f"""
             UPDATE {quote(self.renewal_model._meta.db_table)} AS r

@@ -260,15 +260,6 @@ def run(**kwargs) -> BackfillReport:
     return backfill_renewal_invoices(**options)
 
 
-@pytest.fixture(params=["postgresql", "portable"])
-def source(request, monkeypatch):
-    """Run each test with the PostgreSQL statements (event lookup by migration 0003's expression,
-    the one-statement write) and with the ORM forms SQLite uses (JSON lookups, ``bulk_update``)."""
-    if request.param == "portable":
-        monkeypatch.setattr(backfill._Run, "postgresql", False)
-    return request.param
-
-
 # --- Rules -----------------------------------------------------------------------------------
 
 
@@ -351,7 +342,7 @@ def test_unreadable_invoice_objects_raise_a_counted_error_never_anything_else(da
 
 
 @pytest.mark.django_db
-def test_every_case_is_decided_and_counted(source):
+def test_every_case_is_decided_and_counted():
     renewals = build_world(real_models())
 
     report = run(batch_size=3)
@@ -366,7 +357,7 @@ def test_every_case_is_decided_and_counted(source):
 
 
 @pytest.mark.django_db
-def test_history_records_each_change_once_with_its_reason(source):
+def test_history_records_each_change_once_with_its_reason():
     renewals = build_world(real_models())
     before = Renewal.history.count()
 
@@ -384,7 +375,7 @@ def test_history_records_each_change_once_with_its_reason(source):
 
 
 @pytest.mark.django_db
-def test_history_rows_are_those_simple_history_writes_on_a_save(source):
+def test_history_rows_are_those_simple_history_writes_on_a_save():
     """Same columns, same values: a backfilled row equals the one ``save()`` would have written."""
     renewals = build_world(real_models())
     Renewal.objects.filter(pk=renewals["a0"].pk).update(processed_at=utc(TRIAL_END + 3600))  # no column left null
@@ -427,7 +418,7 @@ def test_a_value_written_by_a_live_handler_during_a_batch_is_kept(monkeypatch):
 
 
 @pytest.mark.django_db
-def test_a_batch_that_meets_a_unique_violation_is_decided_again(source, monkeypatch, caplog):
+def test_a_batch_that_meets_a_unique_violation_is_decided_again(monkeypatch, caplog):
     from django.db import IntegrityError
 
     renewals = build_world(real_models())
@@ -449,7 +440,7 @@ def test_a_batch_that_meets_a_unique_violation_is_decided_again(source, monkeypa
 
 
 @pytest.mark.django_db
-def test_without_history_model_no_history_rows_are_written(source):
+def test_without_history_model_no_history_rows_are_written():
     build_world(real_models())
     before = Renewal.history.count()
     report = run(history_model=None)
@@ -458,7 +449,7 @@ def test_without_history_model_no_history_rows_are_written(source):
 
 
 @pytest.mark.django_db
-def test_existing_values_are_never_overwritten(source):
+def test_existing_values_are_never_overwritten():
     account = Account.objects.create(name="x", stripe_customer_id="cus_x")
     sub = Subscription.objects.create(stripe_id="sub_x", account=account, status="active", trial_end=utc(TRIAL_END))
     # Dated off the trial rule and linked elsewhere than its events say: both stay.
@@ -478,7 +469,7 @@ def test_existing_values_are_never_overwritten(source):
 
 
 @pytest.mark.django_db
-def test_first_snapshot_that_matches_wins_like_the_live_handlers(source):
+def test_first_snapshot_that_matches_wins_like_the_live_handlers():
     account = Account.objects.create(name="x", stripe_customer_id="cus_x")
     sub = Subscription.objects.create(stripe_id="sub_x", account=account, status="active")
     renewal = Renewal.objects.create(subscription=sub, effective_date=utc(T0 + 30 * DAY))
@@ -503,7 +494,7 @@ def test_first_snapshot_that_matches_wins_like_the_live_handlers(source):
 
 
 @pytest.mark.django_db
-def test_a_snapshot_after_an_unreadable_one_with_the_same_lines_is_read_on_its_own(source):
+def test_a_snapshot_after_an_unreadable_one_with_the_same_lines_is_read_on_its_own():
     """The draft names no customer (the live handler fails on it); the paid snapshot, with the same
     lines, is read and links."""
     account = Account.objects.create(name="x", stripe_customer_id="cus_x")
@@ -523,7 +514,7 @@ def test_a_snapshot_after_an_unreadable_one_with_the_same_lines_is_read_on_its_o
 
 
 @pytest.mark.django_db
-def test_filters_limit_what_is_changed(source):
+def test_filters_limit_what_is_changed():
     renewals = build_world(real_models())
 
     report = run(subscription_ids=["sub_a", "sub_b"])
@@ -541,7 +532,7 @@ def test_filters_limit_what_is_changed(source):
 
 
 @pytest.mark.django_db
-def test_since_leaves_renewals_before_it_and_counts_their_invoices(source):
+def test_since_leaves_renewals_before_it_and_counts_their_invoices():
     account = Account.objects.create(name="x", stripe_customer_id="cus_x")
     sub = Subscription.objects.create(stripe_id="sub_x", account=account, status="active")
     old = Renewal.objects.create(subscription=sub, effective_date=utc(T0))
@@ -558,7 +549,7 @@ def test_since_leaves_renewals_before_it_and_counts_their_invoices(source):
 
 
 @pytest.mark.django_db
-def test_queries_per_batch_do_not_grow_with_rows(source):
+def test_queries_per_batch_do_not_grow_with_rows():
     """No per-row queries: a batch of 4 subscriptions and one of 40 cost the same."""
 
     def world(n, prefix):
@@ -597,7 +588,7 @@ def test_event_lookup_uses_the_expression_index_of_migration_0003():
 
 
 @pytest.mark.django_db
-def test_dry_run_changes_nothing_and_reports_what_would(source):
+def test_dry_run_changes_nothing_and_reports_what_would():
     renewals = build_world(real_models())
     before, history = world_state(Renewal, renewals), Renewal.history.count()
 
@@ -609,7 +600,7 @@ def test_dry_run_changes_nothing_and_reports_what_would(source):
 
 
 @pytest.mark.django_db
-def test_a_run_resumes_after_an_interruption_and_a_second_run_changes_nothing(source):
+def test_a_run_resumes_after_an_interruption_and_a_second_run_changes_nothing():
     renewals = build_world(real_models())
     seen = []
 
@@ -667,7 +658,7 @@ def live_renewals():
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("seed", [3, 11])
-def test_backfill_reaches_the_links_of_the_live_handlers(client, webhook, seed, source):
+def test_backfill_reaches_the_links_of_the_live_handlers(client, webhook, seed):
     lifecycles = deliver_lifecycles_in_order(client, customers=2 * len(SCENARIOS), seed=seed)
     live = live_renewals()
     assert sum(1 for _, invoice in live.values() if invoice) >= len(lifecycles) // 2  # the live path linked
@@ -681,7 +672,7 @@ def test_backfill_reaches_the_links_of_the_live_handlers(client, webhook, seed, 
 
 
 @pytest.mark.django_db
-def test_backfill_also_derives_the_dates_the_live_handlers_planned(client, webhook, source):
+def test_backfill_also_derives_the_dates_the_live_handlers_planned(client, webhook):
     deliver_lifecycles_in_order(client, customers=3 * len(SCENARIOS), seed=5)
     live = live_renewals()
 

@@ -248,3 +248,22 @@ def test_a_failure_stops_the_run_and_a_rerun_completes(monkeypatch):
     monkeypatch.setattr(service._Run, "read_invoices", read)
     backfill("--batch-size", "2")
     assert world_state(Renewal, world) == WORLD_AFTER
+
+
+@pytest.mark.django_db(databases=[])
+def test_on_sqlite_migrate_skips_the_backfill_and_the_command_says_it_needs_postgresql(tmp_path):
+    """make run's SQLite database migrates (0003 has nothing to do there); the command refuses
+    clearly instead of writing with statements SQLite does not have."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}", "DJANGO_SECRET_KEY": "test"}
+    manage = [sys.executable, str(root / "manage.py")]
+    migrate = subprocess.run([*manage, "migrate", "--noinput"], env=env, capture_output=True, text=True, timeout=120)
+    assert migrate.returncode == 0, migrate.stderr
+    run = subprocess.run([*manage, "backfill_renewal_invoices"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert "PostgreSQL only" in run.stderr and "Traceback" not in run.stderr

@@ -13,6 +13,7 @@ terminal, a line every few seconds otherwise), the summary to stdout.
 """
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import NotSupportedError
 
 from billing.backfill import DEFAULT_BATCH_SIZE, BackfillReport, backfill_renewal_invoices
 from billing.management.options import parse_since
@@ -69,6 +70,8 @@ class Command(BaseCommand):
                 subscription_ids=subscriptions,
                 progress=bar,
             )
+        except NotSupportedError as exc:
+            raise CommandError(f"{exc}: point DATABASE_URL at the PostgreSQL database to backfill") from None
         except KeyboardInterrupt:
             bar.close()
             if bar.last is not None:
