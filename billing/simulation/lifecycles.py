@@ -21,13 +21,14 @@ Event sets follow Stripe's own descriptions:
 
 from __future__ import annotations
 
-import calendar
 import copy
+import functools
 import random
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+from .clock import DAY, add_months, default_start, told_to_end_at
 from .objects import (
     charge_object,
     checkout_session_object,
@@ -49,7 +50,6 @@ SEAT_CHANGE = "seat_change_with_proration"
 ONE_OFF_REFUND = "one_off_invoice_partly_refunded"
 SCENARIOS = (TRIAL_CANCEL, NO_TRIAL, PAYMENT_FAILED, SEAT_CHANGE, ONE_OFF_REFUND)
 
-DAY = 24 * 3600
 TRIAL_DAYS = 14
 TRIAL_REMINDER_BEFORE = 3 * DAY  # Stripe sends trial_will_end three days before trial_end.
 DRAFT_HOURS = 3600  # automatically collected drafts are finalized about an hour later
@@ -101,26 +101,12 @@ class Lifecycle:
     customer_name: str = ""
 
 
-def add_months(anchor: int, months: int) -> int:
-    """``anchor`` moved by whole calendar months, the day clamped to the month's last day."""
-    moment = datetime.fromtimestamp(anchor, tz=UTC)
-    years, month_index = divmod(moment.month - 1 + months, 12)
-    year, month = moment.year + years, month_index + 1
-    day = min(moment.day, calendar.monthrange(year, month)[1])
-    return int(moment.replace(year=year, month=month, day=day).timestamp())
-
-
-def default_start(seed: int) -> int:
-    """A fixed instant in the first half of 2026, the same for the same seed."""
-    jan_2026 = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp())
-    return jan_2026 + random.Random(f"start:{seed}").randrange(180 * DAY)
-
-
 def generate_lifecycles(
     *,
     customers: int,
     seed: int,
     start: int | None = None,
+    end: int | None = None,
     client_reference_ids: list[str] | None = None,
 ) -> list[Lifecycle]:
     """``customers`` lifecycles, the same for the same arguments.
@@ -130,8 +116,16 @@ def generate_lifecycles(
     first ones. With ``client_reference_ids``, subscription lifecycles end their sign-up with
     ``checkout.session.completed`` naming ``client_reference_ids[i]`` (None past the list's
     end); without it they have no checkout at all, like subscriptions made through the API.
+
+    Dates: with ``start``, each lifecycle begins within two days after it; with ``end``, each
+    one's last event falls in the hour before ``end``, so the subscriptions still running are in
+    their current period then (the command passes now); with neither, ``default_start(seed)``.
+    Only the dates depend on ``start`` and ``end``: ids, amounts and the order of events do not.
     """
-    start = default_start(seed) if start is None else start
+    if start is not None and end is not None:
+        raise ValueError("give start or end, not both")
+    if start is None and end is None:
+        start = default_start(seed)
     dealer = random.Random(f"scenarios:{seed}")
     kinds: list[str] = []
     while len(kinds) < customers:
@@ -140,13 +134,23 @@ def generate_lifecycles(
         kinds.extend(round_)
     lifecycles = []
     for index, kind in enumerate(kinds[:customers]):
-        rng = random.Random(f"customer:{seed}:{index}")
         checkout = client_reference_ids is not None
         reference = client_reference_ids[index] if checkout and index < len(client_reference_ids) else None
-        story = _Story(rng, index=index, begin=start + rng.randrange(2 * DAY), checkout=checkout, reference=reference)
-        _SCRIPTS[kind](story)
+        tell = functools.partial(_tell, kind, seed=seed, index=index, checkout=checkout, reference=reference)
+        if start is not None:
+            story = tell(start)
+        else:
+            story = told_to_end_at(tell, end - random.Random(f"end:{seed}:{index}").randrange(3600))
         lifecycles.append(Lifecycle(story.customer_id, kind, story.events, story.expected, story.email, story.name))
     return lifecycles
+
+
+def _tell(kind: str, begin: int, *, seed: int, index: int, checkout: bool, reference: str | None) -> _Story:
+    """Customer ``index``'s story from about ``begin``, from its own random stream."""
+    rng = random.Random(f"customer:{seed}:{index}")
+    story = _Story(rng, index=index, begin=begin + rng.randrange(2 * DAY), checkout=checkout, reference=reference)
+    _SCRIPTS[kind](story)
+    return story
 
 
 class _Story:

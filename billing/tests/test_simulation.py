@@ -3,7 +3,9 @@
 import json
 import random
 import threading
+import time
 from collections import Counter, defaultdict
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -76,6 +78,37 @@ def test_start_defaults_to_an_instant_in_2026_fixed_by_the_seed():
     assert 1767225600 <= first < 1798761600  # 2026
     given = generate_lifecycles(customers=1, seed=11, start=1800000000)[0].events[0]["created"]
     assert 1800000000 <= given < 1800000000 + 2 * 86400
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_lifecycles_placed_to_end_at_an_instant_end_in_the_hour_before_it(seed):
+    end = 1_800_000_000
+    placed = generate_lifecycles(customers=10, seed=seed, end=end)
+    for lifecycle in placed:
+        expected = lifecycle.expected
+        assert end - 3600 <= lifecycle.events[-1]["created"] <= end, lifecycle.scenario
+        assert all(event["created"] <= end for event in lifecycle.events)
+        if expected.final_status == "active":  # still running: in its current paid period at ``end``
+            assert expected.paid_periods[-1].start <= end < expected.paid_periods[-1].end, lifecycle.scenario
+    assert {lc.scenario for lc in placed if lc.expected.final_status == "active"} == {
+        NO_TRIAL,
+        PAYMENT_FAILED,
+        SEAT_CHANGE,
+    }
+    # Only the dates moved: the same ids, types, amounts and facts as with a given start.
+    pinned = generate_lifecycles(customers=10, seed=seed)
+    assert [[(e["id"], e["type"]) for e in lc.events] for lc in placed] == [
+        [(e["id"], e["type"]) for e in lc.events] for lc in pinned
+    ]
+    assert [(lc.expected.receipt_invoice_ids, lc.expected.refunded) for lc in placed] == [
+        (lc.expected.receipt_invoice_ids, lc.expected.refunded) for lc in pinned
+    ]
+    assert [lc.events for lc in placed] == [lc.events for lc in generate_lifecycles(customers=10, seed=seed, end=end)]
+
+
+def test_start_and_end_together_are_refused():
+    with pytest.raises(ValueError, match="start or end"):
+        generate_lifecycles(customers=1, seed=1, start=1_800_000_000, end=1_800_000_000)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -496,6 +529,40 @@ def test_command_dry_run_lists_every_delivery_and_writes_them_as_json_lines(tmp_
     unique = {e["id"] for lc in generate_lifecycles(customers=3, seed=6) for e in lc.events}
     assert {e["id"] for e in written} == unique and len(written) > len(unique)
     assert all(f"{e['created']} {e['id']} {e['type']}" in printed for e in written)
+
+
+def test_command_without_start_ends_each_lifecycle_in_the_hour_before_now(tmp_path, capsys):
+    output = tmp_path / "events.jsonl"
+    before = time.time()
+    call_command("simulate_stripe_events", customers=5, seed=1, dry_run=True, output=str(output))
+    after = time.time()
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    # Ids do not depend on the dates: they tell whose lifecycle each event belongs to.
+    customer_of = {e["id"]: lc.customer_id for lc in generate_lifecycles(customers=5, seed=1) for e in lc.events}
+    last_of = defaultdict(int)
+    for event in written:
+        customer = customer_of[event["id"]]
+        last_of[customer] = max(last_of[customer], event["created"])
+    assert len(last_of) == 5
+    assert all(before - 3600 - 1 <= last <= after for last in last_of.values()), (before, last_of)
+    latest = datetime.fromtimestamp(max(last_of.values()), tz=UTC)
+    assert f"to {latest:%Y-%m-%d %H:%M} UTC" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("start", ["2026-01-15", "2026-01-15T00:00:00+00:00", "1768435200"])
+def test_command_start_pins_the_dates_given_as_an_iso_date_or_unix_seconds(tmp_path, start):
+    output = tmp_path / "events.jsonl"
+    call_command("simulate_stripe_events", "--start", start, customers=3, seed=6, dry_run=True, output=str(output))
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    pinned = generate_lifecycles(customers=3, seed=6, start=1768435200)  # 2026-01-15 00:00 UTC
+    assert sorted(written, key=lambda e: e["id"]) == sorted(
+        (e for lc in pinned for e in lc.events), key=lambda e: e["id"]
+    )
+
+
+def test_command_refuses_a_start_that_is_no_date():
+    with pytest.raises(CommandError, match="expected Unix seconds or an ISO date"):
+        call_command("simulate_stripe_events", "--start", "yesterday", dry_run=True)
 
 
 def test_command_posts_every_event_signed_and_retries_failures(webhook_server, capsys):

@@ -177,6 +177,26 @@ def test_stale_timestamp_is_rejected(post_event, nothing_changes):
     response = post_event(subscription_change(), timestamp=int(time.time()) - TOLERANCE - 60)
 
     assert response.status_code == 400
+    assert response.json() == {"error": f"timestamp outside the tolerance of {TOLERANCE} seconds"}
+    nothing_changes()
+
+
+def test_stale_timestamp_signed_with_the_rolled_secret_is_answered_as_stale(post_event, settings, nothing_changes):
+    settings.STRIPE_WEBHOOK_SECRETS = [SECRET, ROLLED_SECRET]
+
+    response = post_event(subscription_change(), secret=ROLLED_SECRET, timestamp=int(time.time()) - 3600)
+
+    assert response.status_code == 400
+    assert "timestamp outside the tolerance" in response.json()["error"]
+    nothing_changes()
+
+
+def test_stale_timestamp_with_a_wrong_signature_is_answered_invalid_signature(post_event, nothing_changes):
+    """Only a correct signature learns that its time is the problem; a forgery learns nothing more."""
+    response = post_event(subscription_change(), secret="whsec_attacker_guess", timestamp=int(time.time()) - 3600)
+
+    assert response.status_code == 400
+    assert response.json() == {"error": "invalid signature"}
     nothing_changes()
 
 

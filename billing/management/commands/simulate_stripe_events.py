@@ -3,11 +3,15 @@
 Examples::
 
     manage.py simulate_stripe_events --customers 20 --seed 7
+    manage.py simulate_stripe_events --customers 20 --seed 7 --start 2026-01-15
     manage.py simulate_stripe_events --customers 50 --seed 7 --shuffle --duplicates 0.2
     manage.py simulate_stripe_events --customers 5 --seed 1 --client-reference-id 1 2 3 4 5
     manage.py simulate_stripe_events --customers 5 --seed 1 --dry-run --output events.jsonl
 
-The same ``--seed`` gives the same events (ids, times, amounts), so a run can be repeated.
+Each lifecycle ends in the hour before now, so the subscriptions still running are in their
+current period and the app shows current entitlements. ``--start`` pins the dates instead: the
+same ``--seed`` and ``--start`` give the same events (ids, times, amounts), so a run can be
+repeated exactly. The seed alone fixes everything but the dates.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import argparse
 import json
 import random
 import sys
+import time
 from collections import Counter
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -33,6 +39,23 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return number
+
+
+def _instant(value: str) -> int:
+    """``--start``: Unix seconds, or an ISO 8601 date or time (UTC unless it says otherwise)."""
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected Unix seconds or an ISO date such as 2026-01-15") from None
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+
+
+def _utc(unix: int) -> str:
+    return f"{datetime.fromtimestamp(unix, tz=UTC):%Y-%m-%d %H:%M} UTC"
 
 
 def _probability(value: str) -> float:
@@ -53,7 +76,13 @@ class Command(BaseCommand):
         parser.add_argument("--secret", help="Signing secret (default: the first of STRIPE_WEBHOOK_SECRETS).")
         parser.add_argument("--customers", type=_positive_int, default=5, help="Lifecycles to simulate (default 5).")
         parser.add_argument("--seed", type=int, default=0, help="Same seed, same events (default 0).")
-        parser.add_argument("--start", type=int, help="Unix time the lifecycles begin (default: fixed by the seed).")
+        parser.add_argument(
+            "--start",
+            type=_instant,
+            metavar="WHEN",
+            help="When the lifecycles begin: an ISO date (2026-01-15) or Unix seconds. "
+            "Default: each lifecycle is placed to end now.",
+        )
         parser.add_argument("--shuffle", action="store_true", help="Deliver in random order.")
         parser.add_argument(
             "--duplicates", type=_probability, default=0.0, help="Probability that an event is delivered twice."
@@ -73,10 +102,12 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=10.0, help="Seconds to wait for each answer.")
 
     def handle(self, *args, **options):
+        start = options["start"]
         lifecycles = generate_lifecycles(
             customers=options["customers"],
             seed=options["seed"],
-            start=options["start"],
+            start=start,
+            end=int(time.time()) if start is None else None,
             client_reference_ids=options["client_reference_ids"],
         )
         events = arrange(
@@ -92,6 +123,7 @@ class Command(BaseCommand):
             + ", ".join(f"{name} ×{count}" for name, count in sorted(scenarios.items()))
             + f"\n{len(events)} deliveries of {unique} events ({len(events) - unique} duplicates)"
             + (", shuffled" if options["shuffle"] else ", in Stripe's order")
+            + f"\nEvents dated {_utc(min(e['created'] for e in events))} to {_utc(max(e['created'] for e in events))}"
         )
 
         if options["output"]:
