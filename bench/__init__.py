@@ -8,6 +8,7 @@ Layout (each module says why it is built the way it is):
 * ``loadgen``         the HTTP load generator, run in its own process.
 * ``targets``         the pipeline and the two baselines, compared round by round.
 * ``webhook``, ``mix``, ``tune``, ``backfill``: the benchmarks themselves.
+* ``soak``            ``make soak``: the mix held at 70% of its peak for 10 minutes (not in CI).
 * ``settings``, ``urls``, ``baseline_views``: what the benchmark server runs.
 
 A benchmark is a module with ``run(ctx) -> dict`` (the harness writes its report), or a

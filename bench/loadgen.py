@@ -13,6 +13,8 @@ Why this shape, on a 2-core machine where the client steals CPU from the server 
 * Work comes in *lanes*: a lane's requests go out in order on one connection, each after the
   previous answer (a subscription's lifecycle); a free connection takes the next lane. Lanes of
   one request make a plain shared queue.
+* With ``rate`` set (the soak), request k starts no earlier than k / rate seconds into the run:
+  the connections still wait for each answer, but the load is held at that rate below the peak.
 * A latency is measured with ``perf_counter_ns`` from the first byte sent (or from connecting,
   when the server closed the connection after the previous answer, as a sync worker does) to
   the last byte of the answer. Nothing is retried except a request whose reused keep-alive
@@ -48,6 +50,7 @@ class LoadSpec:
     duration: float | None = None  # no new request is started after this many seconds
     secret: str | None = None  # sign each body with it (Stripe-Signature)
     host: str = "127.0.0.1"
+    rate: float | None = None  # at most this many requests started per second (None: closed loop only)
 
 
 class Requests:
@@ -117,6 +120,9 @@ def run(spec: LoadSpec) -> dict:
     deadline = t0 + int(spec.duration * 1e9) if spec.duration else None
     last_done = t0
     outstanding = {}
+    paused: deque = deque()  # connections whose next request is not due yet (``rate``)
+    interval = int(1e9 / spec.rate) if spec.rate else 0
+    started = 0
 
     def record_failure(conn: Conn, reason: str) -> None:
         """The current request got no answer (status 0); its connection is dropped."""
@@ -158,6 +164,7 @@ def run(spec: LoadSpec) -> dict:
             sel.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.writing else 0), conn)
 
     def start_next(conn: Conn) -> None:
+        nonlocal started
         while True:
             if conn.pos >= len(conn.lane):
                 if not lanes or (deadline and perf() >= deadline):
@@ -168,6 +175,10 @@ def run(spec: LoadSpec) -> dict:
             if deadline and perf() >= deadline:
                 close(conn)
                 return
+            if interval and perf() < t0 + started * interval:
+                paused.append(conn)  # resumed by the main loop when its turn comes
+                return
+            started += 1
             conn.index = conn.lane[conn.pos]
             conn.pos += 1
             conn.out = memoryview(requests.data[conn.index])
@@ -226,8 +237,11 @@ def run(spec: LoadSpec) -> dict:
     conns = [Conn() for _ in range(spec.connections)]
     for conn in conns:
         start_next(conn)
-    while outstanding:
-        for key, mask in sel.select(timeout=0.5):
+    while outstanding or paused:
+        wait = 0.5
+        if paused:
+            wait = max(0.0, min(wait, (t0 + started * interval - perf()) / 1e9))
+        for key, mask in sel.select(timeout=wait):
             conn = key.data
             if conn.sock is None:
                 continue
@@ -239,6 +253,10 @@ def run(spec: LoadSpec) -> dict:
                     continue
             if mask & selectors.EVENT_READ and conn.sock is not None:
                 on_readable(conn)
+        for _ in range(len(paused)):
+            if perf() < t0 + started * interval:
+                break
+            start_next(paused.popleft())
         too_old = perf() - int(REQUEST_TIMEOUT * 1e9)
         for conn in [c for c in outstanding.values() if c.start < too_old]:
             fail(conn, f"timeout: no answer within {REQUEST_TIMEOUT:.0f}s")

@@ -24,7 +24,7 @@ from .money import format_amount
 
 
 class NoRecipient(Exception):
-    """Nobody to send an owed e-mail to. Retrying cannot help: the row is marked failed."""
+    """Nobody to send an owed e-mail to yet: it waits for an address (see ``billing.tasks``)."""
 
 
 def long_date(value: datetime) -> str:

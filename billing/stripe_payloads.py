@@ -14,6 +14,9 @@ Handlers never dig through nested dicts; they ask this module. Layout notes:
 * Since basil a charge no longer names its invoice; an ``invoice_payment`` ties an invoice to
   its PaymentIntent. https://docs.stripe.com/changelog/basil/2025-03-31/add-support-for-multiple-partial-payments-on-invoices
 
+Every field is read with the typed helpers of ``billing.stripe_fields``: a payload of the wrong
+shape raises ``PayloadError`` naming the field, and its event fails before anything is written.
+
 Snapshots are named tuples (``NamedTuple``): immutable like frozen dataclasses, and built several times
 faster (a frozen dataclass sets each field through ``object.__setattr__``); every webhook
 builds a few, and the renewal backfill one per stored invoice event.
@@ -24,35 +27,39 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-
-class PayloadError(ValueError):
-    """The payload lacks something this app needs; the event fails with this message."""
-
-
-_UTC = UTC
+from .stripe_fields import (
+    ANY_LENGTH,
+    EPOCH,
+    PayloadError,
+    count,
+    email,
+    flag,
+    integer,
+    list_data,
+    name_of,
+    reference,
+    require,
+    text,
+    timestamp,
+)
 
 
 def ts(value: Any) -> datetime | None:
-    """A Stripe unix timestamp as an aware UTC datetime (None stays None)."""
+    """A Stripe unix timestamp as an aware UTC datetime (None stays None), for a value already
+    checked (an envelope's ``created``). Payloads are read with ``timestamp``, which checks it."""
     if value is None:
         return None
-    return datetime.fromtimestamp(int(value), _UTC)  # positional tz: measurably cheaper than tz=
+    return datetime.fromtimestamp(int(value), UTC)  # positional tz: measurably cheaper than tz=
 
 
 def object_id(value: Any) -> str:
-    """The id of an expandable field, whether Stripe sent the id or the expanded object."""
+    """The id of an expandable field, whether Stripe sent the id or the expanded object; for
+    trusted values (Stripe's API responses). Payloads are read with ``reference``."""
     if value is None:
         return ""
     if isinstance(value, dict):
         return value.get("id") or ""
     return str(value)
-
-
-def require(obj: dict, key: str) -> Any:
-    value = obj.get(key)
-    if value in (None, ""):
-        raise PayloadError(f"{obj.get('object', 'object')} {obj.get('id', '?')} has no {key}")
-    return value
 
 
 # --- Events --------------------------------------------------------------------------------
@@ -120,17 +127,20 @@ class CustomerRef(NamedTuple):
 
 
 def customer_of(obj: dict) -> CustomerRef:
-    customer = obj.get("customer")
-    cid = object_id(customer)
+    cid = reference(obj, "customer")
     if not cid:
-        raise PayloadError(f"{obj.get('object', 'object')} {obj.get('id', '?')} names no customer")
-    name = email = ""
-    if isinstance(customer, dict):
-        name, email = customer.get("name") or "", customer.get("email") or ""
-    details = obj.get("customer_details") or {}
-    name = name or obj.get("customer_name") or details.get("name") or ""
-    email = email or obj.get("customer_email") or details.get("email") or ""
-    return CustomerRef(cid, name, email)
+        raise PayloadError(f"{name_of(obj)} names no customer")
+    name = found_email = ""
+    if isinstance(obj["customer"], dict):  # expanded: https://docs.stripe.com/api/customers/object
+        name, found_email = text(obj, "customer.name", max_length=ANY_LENGTH), email(obj, "customer.email")
+    # A name of any length is kept (the account's name is cut to fit); an e-mail must fit its column.
+    name = (
+        name
+        or text(obj, "customer_name", max_length=ANY_LENGTH)
+        or text(obj, "customer_details.name", max_length=ANY_LENGTH)
+    )
+    found_email = found_email or email(obj, "customer_email") or email(obj, "customer_details.email")
+    return CustomerRef(cid, name, found_email)
 
 
 # --- Subscriptions -------------------------------------------------------------------------
@@ -153,33 +163,26 @@ class SubscriptionSnapshot(NamedTuple):
     created: datetime | None
 
 
-def _primary_item(sub: dict) -> dict:
-    items = (sub.get("items") or {}).get("data") or []
-    return items[0] if items else {}
-
-
 def read_subscription(sub: dict) -> SubscriptionSnapshot:
-    item = _primary_item(sub)
+    items = list_data(sub, "items")
+    item = items[0] if items else {}
     # Current layout first (items), legacy top-level fields for events of older API versions.
-    period_start = item.get("current_period_start", sub.get("current_period_start"))
-    period_end = item.get("current_period_end", sub.get("current_period_end"))
-    quantity = item.get("quantity", sub.get("quantity"))
-    price = item.get("price") or item.get("plan") or sub.get("plan") or {}
+    quantity = count(item, "quantity") if "quantity" in item else count(sub, "quantity")
     return SubscriptionSnapshot(
         stripe_id=require(sub, "id"),
         customer=customer_of(sub),
-        status=require(sub, "status"),
-        quantity=int(quantity) if quantity is not None else 1,
-        price_id=object_id(price),
-        current_period_start=ts(period_start),
-        current_period_end=ts(period_end),
-        trial_start=ts(sub.get("trial_start")),
-        trial_end=ts(sub.get("trial_end")),
-        cancel_at_period_end=bool(sub.get("cancel_at_period_end")),
-        cancel_at=ts(sub.get("cancel_at")),
-        canceled_at=ts(sub.get("canceled_at")),
-        ended_at=ts(sub.get("ended_at")),
-        created=ts(sub.get("created")),
+        status=require(sub, "status", max_length=32),
+        quantity=quantity if quantity is not None else 1,
+        price_id=reference(item, "price") or reference(item, "plan") or reference(sub, "plan"),
+        current_period_start=timestamp(item if "current_period_start" in item else sub, "current_period_start"),
+        current_period_end=timestamp(item if "current_period_end" in item else sub, "current_period_end"),
+        trial_start=timestamp(sub, "trial_start"),
+        trial_end=timestamp(sub, "trial_end"),
+        cancel_at_period_end=flag(sub, "cancel_at_period_end"),
+        cancel_at=timestamp(sub, "cancel_at"),
+        canceled_at=timestamp(sub, "canceled_at"),
+        ended_at=timestamp(sub, "ended_at"),
+        created=timestamp(sub, "created"),
     )
 
 
@@ -233,32 +236,28 @@ class InvoiceSnapshot(NamedTuple):
 
 
 def _read_line(line: dict, currency: str) -> LineSnapshot:
-    parent = line.get("parent") or {}
-    parent_type = parent.get("type") or ""
-    details = parent.get(parent_type) or {} if parent_type else {}
-    if parent:
-        subscription_id = object_id(details.get("subscription"))
-        proration = bool(details.get("proration"))
-        pricing = line.get("pricing") or {}
-        price_id = object_id((pricing.get("price_details") or {}).get("price"))
+    if line.get("parent") is not None:
+        parent_type = text(line, "parent.type", max_length=64)
+        details = f"parent.{parent_type}" if parent_type and "." not in parent_type else None
+        subscription_id = reference(line, f"{details}.subscription") if details else ""
+        proration = flag(line, f"{details}.proration") if details else False
+        price_id = reference(line, "pricing.price_details.price")
     else:
         # Before basil: line.type was "subscription"/"invoiceitem", with top-level fields.
         parent_type = {"subscription": "subscription_item_details", "invoiceitem": "invoice_item_details"}.get(
-            line.get("type") or "", ""
+            text(line, "type"), ""
         )
-        subscription_id = object_id(line.get("subscription"))
-        proration = bool(line.get("proration"))
-        price_id = object_id(line.get("price") or line.get("plan"))
-    period = line.get("period") or {}
-    quantity = line.get("quantity")
+        subscription_id = reference(line, "subscription")
+        proration = flag(line, "proration")
+        price_id = reference(line, "price") or reference(line, "plan")
     return LineSnapshot(
         stripe_id=require(line, "id"),
-        description=line.get("description") or "",
-        currency=(line.get("currency") or currency or "").lower(),
-        amount=int(line.get("amount") or 0),
-        quantity=int(quantity) if quantity is not None else None,
-        period_start=ts(period.get("start")),
-        period_end=ts(period.get("end")),
+        description=text(line, "description", max_length=ANY_LENGTH),
+        currency=(text(line, "currency", max_length=3) or currency).lower(),
+        amount=integer(line, "amount"),
+        quantity=count(line, "quantity"),
+        period_start=timestamp(line, "period.start"),
+        period_end=timestamp(line, "period.end"),
         parent_type=parent_type,
         subscription_id=subscription_id,
         price_id=price_id,
@@ -267,33 +266,32 @@ def _read_line(line: dict, currency: str) -> LineSnapshot:
 
 
 def invoice_subscription_id(inv: dict) -> str:
-    parent = inv.get("parent") or {}
-    details = parent.get("subscription_details") or {}
-    return object_id(details.get("subscription")) or object_id(inv.get("subscription"))
+    return reference(inv, "parent.subscription_details.subscription") or reference(inv, "subscription")
 
 
 def read_invoice(inv: dict) -> InvoiceSnapshot:
-    currency = (require(inv, "currency") or "").lower()
-    transitions = inv.get("status_transitions") or {}
-    lines = tuple(_read_line(line, currency) for line in ((inv.get("lines") or {}).get("data") or []))
+    currency = require(inv, "currency", max_length=3).lower()
+    lines = tuple(_read_line(line, currency) for line in list_data(inv, "lines"))
+    if len({line.stripe_id for line in lines}) < len(lines):
+        raise PayloadError(f"{name_of(inv)}: lines.data has a line id twice")
     return InvoiceSnapshot(
         stripe_id=require(inv, "id"),
         customer=customer_of(inv),
         subscription_id=invoice_subscription_id(inv),
-        status=require(inv, "status"),
-        number=inv.get("number") or "",
-        billing_reason=inv.get("billing_reason") or "",
+        status=require(inv, "status", max_length=16),
+        number=text(inv, "number", max_length=255),
+        billing_reason=text(inv, "billing_reason", max_length=64),
         currency=currency,
-        total=int(inv.get("total") or 0),
-        amount_due=int(inv.get("amount_due") or 0),
-        amount_paid=int(inv.get("amount_paid") or 0),
-        amount_remaining=int(inv.get("amount_remaining") or 0),
-        customer_email=inv.get("customer_email") or "",
-        hosted_invoice_url=inv.get("hosted_invoice_url") or "",
-        invoice_pdf=inv.get("invoice_pdf") or "",
-        paid_at=ts(transitions.get("paid_at")),
-        created=ts(inv.get("created")),
-        attempt_count=int(inv.get("attempt_count") or 0),
+        total=integer(inv, "total"),
+        amount_due=integer(inv, "amount_due"),
+        amount_paid=integer(inv, "amount_paid"),
+        amount_remaining=integer(inv, "amount_remaining"),
+        customer_email=email(inv, "customer_email"),
+        hosted_invoice_url=text(inv, "hosted_invoice_url", max_length=1000),
+        invoice_pdf=text(inv, "invoice_pdf", max_length=1000),
+        paid_at=timestamp(inv, "status_transitions.paid_at"),
+        created=timestamp(inv, "created"),
+        attempt_count=count(inv, "attempt_count", default=0),
         lines=lines,
     )
 
@@ -309,12 +307,11 @@ class InvoicePaymentSnapshot(NamedTuple):
 
 
 def read_invoice_payment(obj: dict) -> InvoicePaymentSnapshot:
-    payment = obj.get("payment") or {}
     return InvoicePaymentSnapshot(
-        invoice_id=object_id(require(obj, "invoice")),
-        payment_intent_id=object_id(payment.get("payment_intent")),
-        charge_id=object_id(payment.get("charge")),
-        status=obj.get("status") or "",
+        invoice_id=reference(obj, "invoice", required=True),
+        payment_intent_id=reference(obj, "payment.payment_intent"),
+        charge_id=reference(obj, "payment.charge"),
+        status=text(obj, "status", max_length=ANY_LENGTH),
     )
 
 
@@ -329,10 +326,10 @@ class ChargeSnapshot(NamedTuple):
 def read_charge(obj: dict) -> ChargeSnapshot:
     return ChargeSnapshot(
         stripe_id=require(obj, "id"),
-        payment_intent_id=object_id(obj.get("payment_intent")),
-        currency=(obj.get("currency") or "").lower(),
-        amount_refunded=int(obj.get("amount_refunded") or 0),
-        invoice_id=object_id(obj.get("invoice")),
+        payment_intent_id=reference(obj, "payment_intent"),
+        currency=text(obj, "currency", max_length=3).lower(),
+        amount_refunded=integer(obj, "amount_refunded"),
+        invoice_id=reference(obj, "invoice"),
     )
 
 
@@ -348,11 +345,11 @@ class RefundSnapshot(NamedTuple):
 def read_refund(obj: dict) -> RefundSnapshot:
     return RefundSnapshot(
         stripe_id=require(obj, "id"),
-        charge_id=object_id(obj.get("charge")),
-        payment_intent_id=object_id(obj.get("payment_intent")),
-        amount=int(obj.get("amount") or 0),
-        currency=(obj.get("currency") or "").lower(),
-        status=obj.get("status") or "",
+        charge_id=reference(obj, "charge"),
+        payment_intent_id=reference(obj, "payment_intent"),
+        amount=integer(obj, "amount"),
+        currency=text(obj, "currency", max_length=3).lower(),
+        status=text(obj, "status", max_length=32),
     )
 
 
@@ -379,18 +376,18 @@ def read_dispute(obj: dict) -> DisputeSnapshot:
     reached through the payment (``billing.models.DisputeQuerySet``). ``evidence_details.due_by``
     is 0 when the card network allows no response; that is read as "no deadline" (None).
     """
-    due_by = (obj.get("evidence_details") or {}).get("due_by")
+    due_by = timestamp(obj, "evidence_details.due_by")
     return DisputeSnapshot(
         stripe_id=require(obj, "id"),
-        charge_id=object_id(require(obj, "charge")),
-        payment_intent_id=object_id(obj.get("payment_intent")),
-        amount=int(obj.get("amount") or 0),
-        currency=(require(obj, "currency") or "").lower(),
-        reason=obj.get("reason") or "",
-        status=require(obj, "status"),
-        evidence_due_by=ts(due_by) if due_by else None,
-        is_charge_refundable=bool(obj.get("is_charge_refundable")),
-        created=ts(obj.get("created")),
+        charge_id=reference(obj, "charge", required=True),
+        payment_intent_id=reference(obj, "payment_intent"),
+        amount=integer(obj, "amount"),
+        currency=require(obj, "currency", max_length=3).lower(),
+        reason=text(obj, "reason", max_length=64),
+        status=require(obj, "status", max_length=32),
+        evidence_due_by=due_by if due_by != EPOCH else None,
+        is_charge_refundable=flag(obj, "is_charge_refundable"),
+        created=timestamp(obj, "created"),
     )
 
 
@@ -406,13 +403,13 @@ class CheckoutSnapshot(NamedTuple):
 
 
 def read_checkout_session(obj: dict) -> CheckoutSnapshot:
-    customer = customer_of(obj) if obj.get("customer") else None
+    customer = customer_of(obj) if reference(obj, "customer") else None
     return CheckoutSnapshot(
         stripe_id=require(obj, "id"),
-        mode=obj.get("mode") or "",
-        client_reference_id=obj.get("client_reference_id") or "",
+        mode=text(obj, "mode", max_length=ANY_LENGTH),
+        client_reference_id=text(obj, "client_reference_id"),
         customer=customer,
-        subscription_id=object_id(obj.get("subscription")),
+        subscription_id=reference(obj, "subscription"),
     )
 
 
@@ -426,7 +423,7 @@ class SetupIntentSnapshot(NamedTuple):
 def read_setup_intent(obj: dict) -> SetupIntentSnapshot:
     return SetupIntentSnapshot(
         stripe_id=require(obj, "id"),
-        customer_id=object_id(obj.get("customer")),
-        payment_method_id=object_id(obj.get("payment_method")),
-        status=obj.get("status") or "",
+        customer_id=reference(obj, "customer"),
+        payment_method_id=reference(obj, "payment_method"),
+        status=text(obj, "status", max_length=ANY_LENGTH),
     )

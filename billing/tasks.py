@@ -21,6 +21,21 @@ tried and older than ``BILLING_OUTBOX_SWEEP_AFTER`` (its task was lost: broker d
 killed between commit and send), or tried and past its backoff. After ``MAX_ATTEMPTS`` failed
 attempts the row is ``failed`` for staff to look at, so a dead address does not loop forever.
 
+An e-mail that nobody can receive *yet* (``NoRecipient``: no customer e-mail on its invoice, no
+billing e-mail on the account, no owner or admin with an address) is not a failure. Stripe
+delivers in any order: ``customer.subscription.trial_will_end`` can come before every event
+that tells the account its address, and in-order delivery would have sent the reminder. So it
+stays ``pending`` (outcome ``waiting``), tried again on the same backoff, every ``RETRY_CAP``
+once past ``MAX_ATTEMPTS``; the event that gives the account its billing e-mail makes it due at
+once (``billing.services.locks.lock_account``). It is given up only when it still has nobody to
+go to ``BILLING_OUTBOX_RECIPIENT_WAIT`` (default 3 days) after it was owed. Why that bound:
+Stripe retries an undelivered event for up to three days
+(https://docs.stripe.com/webhooks#retries), so by then every event that could carry the
+address has been applied or abandoned by Stripe itself, and waiting longer cannot make the
+outcome match in-order delivery. ``MAX_ATTEMPTS`` (about 45 minutes) would be too short: the
+address may come with an event whose first deliveries failed, and Stripe's retries of one event
+are hours apart.
+
 Logs carry ids, kinds and exception types only: never addresses or message bodies.
 """
 
@@ -35,11 +50,11 @@ from enum import StrEnum
 from celery import shared_task
 from django.conf import settings
 from django.db import DatabaseError, transaction
-from django.db.models import Q
+from django.db.models import DurationField, ExpressionWrapper, F, Q
 from django.utils import timezone
 
 from .emails import NoRecipient, build_message
-from .models import OwedEmail
+from .models import OwedEmail, Payment
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +76,8 @@ class Outcome(StrEnum):
     SENT = "sent"
     SKIPPED = "skipped"  # not pending any more (sent, failed, gone) or being sent by another run
     RETRY = "retry"  # this attempt failed; still pending
-    FAILED = "failed"  # given up: no recipient, or MAX_ATTEMPTS reached
+    WAITING = "waiting"  # nobody to send it to yet; still pending
+    FAILED = "failed"  # given up: MAX_ATTEMPTS reached, or nobody to send it to for BILLING_OUTBOX_RECIPIENT_WAIT
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,9 @@ def deliver(owed_id: int) -> Delivery:
 
     The row stays locked from the check to the ``sent`` mark, and the mark commits with the
     invoice's ``receipt_sent_at``. A failed attempt is recorded in the same transaction, which
-    then commits normally: the record of a failure is never rolled back with it.
+    then commits normally: the record of a failure is never rolled back with it. An e-mail that
+    has waited for its recipient and now has one starts its count of attempts afresh: the
+    waits were not attempts at sending, and ``MAX_ATTEMPTS`` is about a failing mail server.
     """
     with transaction.atomic():
         owed = (
@@ -92,9 +110,12 @@ def deliver(owed_id: int) -> Delivery:
         if owed is None:
             return Delivery(Outcome.SKIPPED)
         try:
-            build_message(owed).send()
+            message = build_message(owed)
+            if owed.last_error.startswith(NoRecipient.__name__):
+                owed.attempts = 0  # its wait is over
+            message.send()
         except NoRecipient as exc:
-            return _record_failure(owed, exc, give_up=True)
+            return _record_wait(owed, exc)
         except DatabaseError:
             raise  # the transaction is broken; the row stays pending and the sweep tries again
         except MAIL_ERRORS as exc:
@@ -121,9 +142,24 @@ def _mark_sent(owed: OwedEmail) -> None:
         invoice.save(update_fields=["receipt_sent_at", "updated_at"])
 
 
+def _record_wait(owed: OwedEmail, exc: NoRecipient) -> Delivery:
+    """Nobody to send ``owed`` to yet: it stays pending, unless it has waited ``BILLING_OUTBOX_RECIPIENT_WAIT``."""
+    if owed.created_at <= timezone.now() - settings.BILLING_OUTBOX_RECIPIENT_WAIT:
+        return _record_failure(owed, exc, give_up=True)
+    owed.attempts += 1
+    owed.last_error = _error_text(exc)
+    owed.save(update_fields=["attempts", "last_error"])
+    logger.info("owed e-mail %s (%s) waits for a recipient (attempt %d)", owed.pk, owed.kind, owed.attempts)
+    return Delivery(Outcome.WAITING, owed.attempts)
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+
+
 def _record_failure(owed: OwedEmail, exc: Exception, *, give_up: bool = False) -> Delivery:
     owed.attempts += 1
-    owed.last_error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+    owed.last_error = _error_text(exc)
     give_up = give_up or owed.attempts >= MAX_ATTEMPTS
     if give_up:
         owed.status = OwedEmail.Status.FAILED
@@ -143,7 +179,11 @@ def _record_failure(owed: OwedEmail, exc: Exception, *, give_up: bool = False) -
 
 @shared_task(bind=True, max_retries=MAX_ATTEMPTS, ignore_result=True)
 def send_owed_email(self, owed_id: int) -> str:
-    """Send one owed e-mail (see ``deliver``); retry with backoff when a broker runs the task."""
+    """Send one owed e-mail (see ``deliver``); retry with backoff when a broker runs the task.
+
+    One that waits for its recipient is not retried by the task: the sweep tries it again on
+    its backoff, and the account's learning its address makes it due at once.
+    """
     delivery = deliver(owed_id)
     if delivery.outcome == Outcome.RETRY and not (self.request.is_eager or self.request.called_directly):
         raise self.retry(countdown=retry_delay(delivery.attempts).total_seconds())
@@ -172,7 +212,8 @@ def due_for_sweep(now=None):
     Never tried: older than ``BILLING_OUTBOX_SWEEP_AFTER`` (the on-commit task normally wins).
     Tried ``n`` times: older than that plus the backoff of its ``n`` failures, so that without a
     broker the sweep spaces the attempts out as the task's own retries would. The schedule is
-    counted from ``created_at``: the row has no time of its last attempt.
+    counted from ``created_at``: the row has no time of its last attempt. Past ``MAX_ATTEMPTS``
+    only an e-mail waiting for its recipient can still be pending: it is due every ``RETRY_CAP``.
     """
     now = now or timezone.now()
     wait = settings.BILLING_OUTBOX_SWEEP_AFTER
@@ -180,7 +221,8 @@ def due_for_sweep(now=None):
     for attempts in range(MAX_ATTEMPTS):
         due |= Q(attempts=attempts, created_at__lte=now - wait)
         wait += retry_delay(attempts + 1)
-    due |= Q(attempts__gte=MAX_ATTEMPTS, created_at__lte=now - settings.BILLING_OUTBOX_SWEEP_AFTER)
+    waits_past_max = ExpressionWrapper(RETRY_CAP * (F("attempts") - MAX_ATTEMPTS), output_field=DurationField())
+    due |= Q(attempts__gte=MAX_ATTEMPTS, created_at__lte=now - wait - waits_past_max)
     return OwedEmail.objects.filter(due, status=OwedEmail.Status.PENDING).order_by("created_at", "pk")
 
 
@@ -205,6 +247,58 @@ def sweep_owed_emails() -> int:
 
 # --- Refunds whose invoice only Stripe knows ---------------------------------------------------
 
+# How long after a payment was first seen the sweep keeps asking Stripe for its invoice. A
+# look-up is lost only with its message (broker down, process killed after the commit), and the
+# sweep, every 5 minutes, asks again; the bound stops it asking, at most 864 times, about a
+# PaymentIntent that paid no invoice (Stripe answers "none" for it forever). Three days, like
+# Stripe's own retries of an event (https://docs.stripe.com/webhooks#retries).
+PAYMENT_LOOKUP_WINDOW = timedelta(days=3)
+
+
+def unresolved_payments(now=None):
+    """Payments whose invoice only Stripe can name, oldest first.
+
+    The ones ``billing.services.payments.recompute_refunded`` asks Stripe about after commit: no
+    invoice, no invoice id, a real PaymentIntent (not ``charge:<id>``). Older than
+    ``BILLING_OUTBOX_SWEEP_AFTER`` (the look-up asked after commit normally wins) and first seen
+    less than ``PAYMENT_LOOKUP_WINDOW`` ago.
+    """
+    now = now or timezone.now()
+    return (
+        Payment.objects.filter(
+            invoice=None,
+            stripe_invoice_id="",
+            created_at__lte=now - settings.BILLING_OUTBOX_SWEEP_AFTER,
+            created_at__gt=now - PAYMENT_LOOKUP_WINDOW,
+        )
+        .exclude(payment_intent_id__startswith="charge:")
+        .order_by("created_at", "pk")
+    )
+
+
+@shared_task(ignore_result=True)
+def sweep_unresolved_payments() -> int:
+    """Ask Stripe again for the invoice of every unresolved payment (Celery beat); the number asked.
+
+    Recovers the look-ups whose message was lost, as ``sweep_owed_emails`` does for e-mails.
+    """
+    if not settings.STRIPE_API_KEY:
+        return 0
+    payment_intent_ids = list(unresolved_payments().values_list("payment_intent_id", flat=True)[:SWEEP_BATCH])
+    for payment_intent_id in payment_intent_ids:
+        resolve_payment_invoice.delay(payment_intent_id)
+    if payment_intent_ids:
+        logger.info("payment sweep asked Stripe for the invoice of %d payment(s)", len(payment_intent_ids))
+    return len(payment_intent_ids)
+
+
+@shared_task(ignore_result=True)
+def resolve_payment_invoices(payment_intent_ids: list[str]) -> None:
+    """The look-ups that one web process's commits asked for within one publishing window
+    (``billing.outbox``): one ``resolve_payment_invoice`` each, so that each retries on its own."""
+    for payment_intent_id in payment_intent_ids:
+        resolve_payment_invoice.delay(payment_intent_id)
+
 
 @shared_task(
     bind=True,
@@ -225,7 +319,6 @@ def resolve_payment_invoice(self, payment_intent_id: str) -> str | None:
     import stripe
 
     from . import stripe_api
-    from .models import Payment
     from .services.locks import lock_invoice
     from .services.payments import recompute_refunded
 

@@ -20,6 +20,7 @@ from provisioning.models import Account
 
 from .. import sql
 from ..models import Payment
+from ..outbox import send_emails_waiting_for_a_recipient
 from ..stripe_payloads import CustomerRef
 
 
@@ -38,11 +39,19 @@ def lock_invoice(stripe_invoice_id: str) -> None:
 
 
 def lock_account(customer: CustomerRef) -> Account:
-    """The customer's account, locked until the transaction ends; created if never seen."""
+    """The customer's account, locked until the transaction ends; created if never seen.
+
+    When the event is the first to tell the account its e-mail address, the account's e-mails
+    that were waiting for a recipient (owed by events that came before it) are sent once this
+    transaction commits (``billing.outbox``).
+    """
     account = sql.locked_account(customer.customer_id)
     if account is None:
         return provisioning.lock_account_for_customer(customer.customer_id, name=customer.name, email=customer.email)
+    had_email = bool(account.billing_email)
     provisioning.learn_customer_details(account, customer.name, customer.email)
+    if account.billing_email and not had_email:
+        send_emails_waiting_for_a_recipient(account)
     return account
 
 

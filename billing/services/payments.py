@@ -13,10 +13,10 @@ payment with the invoice it pays, whichever arrives first.
 from __future__ import annotations
 
 from django.conf import settings
-from django.db import transaction
 from django.db.models import Q
 
 from ..models import Invoice, Payment, Refund
+from ..outbox import run_after_commit
 from ..stripe_payloads import Event, read_charge, read_invoice_payment, read_refund
 from .locks import get_or_create_locked, lock_invoice, lock_payment
 from .snapshots import older_than_stored, save_changed
@@ -37,13 +37,13 @@ def record_invoice_payment(event: Event) -> None:
     payment, created = get_or_create_locked(
         Payment,
         {"payment_intent_id": snap.payment_intent_id},
-        {"stripe_invoice_id": snap.invoice_id, "invoice_id": invoice_id},
+        {"stripe_invoice_id": snap.invoice_id, "invoice_id": invoice_id, "livemode": event.livemode},
     )
     if created and not Refund.objects.filter(payment_intent_id=snap.payment_intent_id).exists():
         # Nothing of it is refunded yet: its invoice's refunded amount cannot change. A refund
         # written concurrently waits for this payment's row (lock_payment), then recomputes.
         return
-    save_changed(payment, {"stripe_invoice_id": snap.invoice_id}, reason=event.type)
+    save_changed(payment, {"stripe_invoice_id": snap.invoice_id, "livemode": event.livemode}, reason=event.type)
     recompute_refunded(payment)
 
 
@@ -57,6 +57,7 @@ def record_charge_refund(event: Event) -> None:
         "charge_id": snap.stripe_id,
         "currency": snap.currency,
         "charge_amount_refunded": max(payment.charge_amount_refunded, snap.amount_refunded),
+        "livemode": event.livemode,
     }
     if snap.invoice_id:
         values["stripe_invoice_id"] = snap.invoice_id
@@ -73,6 +74,7 @@ def record_refund(event: Event) -> None:
         "amount": snap.amount,
         "currency": snap.currency,
         "status": snap.status,
+        "livemode": event.livemode,
     }
     refund, created = get_or_create_locked(
         Refund, {"stripe_id": snap.stripe_id}, {**values, "last_event_created": event.created}, reason=event.type
@@ -132,8 +134,13 @@ def attach_waiting_payments(invoice: Invoice) -> None:
 
 
 def _ask_stripe_for_invoice(payment_intent_id: str) -> None:
+    """Once this transaction commits, ask Stripe which invoice the PaymentIntent paid.
+
+    Through ``billing.outbox.run_after_commit``: no request waits for the broker, and a look-up
+    whose message is lost is asked again by ``billing.tasks.sweep_unresolved_payments``.
+    """
     if not settings.STRIPE_API_KEY:
         return
-    from ..tasks import resolve_payment_invoice
+    from ..tasks import resolve_payment_invoice, resolve_payment_invoices
 
-    transaction.on_commit(lambda: resolve_payment_invoice.delay(payment_intent_id), robust=True)
+    run_after_commit(resolve_payment_invoice, payment_intent_id, batch_task=resolve_payment_invoices)

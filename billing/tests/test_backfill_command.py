@@ -62,7 +62,7 @@ def test_summary_reports_each_count(world):
     }
     assert "conflicts (first 1):" in out and "in_c_new also matches it" in out
     assert "unreadable events of malformed invoices (first 2):" in out
-    assert "(in_d0): the invoice has no lines" in out and "(in_d0): ValueError" in out
+    assert "(in_d0): the invoice has no lines" in out and "(in_d0): PayloadError: line_item" in out
     assert world_state(Renewal, world) == WORLD_AFTER
 
 

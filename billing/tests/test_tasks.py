@@ -10,7 +10,7 @@ import os
 import smtplib
 import threading
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import kombu.pools
 import pytest
@@ -25,6 +25,7 @@ from billing.outbox import owe_email
 from billing.simulation.objects import event_object, invoice_line_object, invoice_object
 from billing.tasks import (
     MAX_ATTEMPTS,
+    Delivery,
     Outcome,
     deliver,
     due_for_sweep,
@@ -33,8 +34,9 @@ from billing.tasks import (
     send_owed_emails,
     sweep_owed_emails,
 )
+from billing.tests.conftest import DAY, T0, subscription_event, trial_subscription
 from billing.tests.factories import OwedEmailFactory
-from billing.tests.test_emails import make_account, make_invoice
+from billing.tests.test_emails import make_account, make_invoice, make_trialing_subscription
 from config.celery import app as celery_app
 
 # Tests that need a real commit (on_commit, other threads) mark themselves transaction=True.
@@ -269,19 +271,170 @@ def test_an_email_that_keeps_failing_is_given_up_after_the_maximum(flaky_mail, m
     assert mailoutbox == []
 
 
-def test_an_email_nobody_can_receive_fails_at_once(mailoutbox):
+def test_an_email_nobody_can_receive_yet_waits_for_a_recipient(mailoutbox):
     account = make_account()  # no billing e-mail, no owner or admin
     invoice = make_invoice(account, customer_email="")
     owed = OwedEmailFactory(kind=RECEIPT, invoice=invoice)
 
-    assert deliver(owed.pk).outcome == Outcome.FAILED
+    assert deliver(owed.pk) == Delivery(Outcome.WAITING, 1)
 
     owed.refresh_from_db()
-    assert (owed.status, owed.attempts) == (OwedEmail.Status.FAILED, 1)
+    assert (owed.status, owed.attempts) == (OwedEmail.Status.PENDING, 1)
     assert owed.last_error.startswith("NoRecipient: account ")
-    age(owed, timedelta(days=1))
+    # Tried again on the usual backoff, not at every sweep.
+    age(owed, settings.BILLING_OUTBOX_SWEEP_AFTER + retry_delay(1) - timedelta(seconds=5))
     assert sweep_owed_emails() == 0
+    age(owed, settings.BILLING_OUTBOX_SWEEP_AFTER + retry_delay(1) + timedelta(seconds=1))
+    assert sweep_owed_emails() == 1
+    owed.refresh_from_db()
+    assert (owed.status, owed.attempts) == (OwedEmail.Status.PENDING, 2)
+
+    # The account gets an address without an event (support, in the admin): the next try sends it.
+    account.billing_email = "billing@acme.example"
+    account.save(update_fields=["billing_email"])
+    age(owed, timedelta(hours=1))
+    assert sweep_owed_emails() == 1
+
+    owed.refresh_from_db()
+    assert (owed.status, owed.attempts, owed.last_error) == (OwedEmail.Status.SENT, 1, "")  # waits are not sends
+    assert [(m.subject, m.to) for m in mailoutbox] == [("Receipt for invoice ACME-0001", ["billing@acme.example"])]
+
+
+def test_an_email_that_waited_for_its_recipient_gets_every_attempt_at_sending(flaky_mail, mailoutbox):
+    account = make_account()
+    owed = OwedEmailFactory(kind=RECEIPT, invoice=make_invoice(account, customer_email=""))
+    age(owed, timedelta(days=1))
+    for _ in range(MAX_ATTEMPTS + 2):  # a long wait
+        assert deliver(owed.pk).outcome == Outcome.WAITING
+    account.billing_email = "billing@acme.example"
+    account.save(update_fields=["billing_email"])
+    flaky_mail(1)
+
+    assert deliver(owed.pk) == Delivery(Outcome.RETRY, 1)  # not given up: its first attempt at sending
+    assert deliver(owed.pk) == Delivery(Outcome.SENT, 2)
+    assert len(mailoutbox) == 1
+
+
+def test_an_email_nobody_ever_receives_is_given_up_after_the_recipient_wait(mailoutbox):
+    """Tried every ``RETRY_CAP`` once past ``MAX_ATTEMPTS``; given up ``BILLING_OUTBOX_RECIPIENT_WAIT`` after it was owed."""
+    assert settings.BILLING_OUTBOX_RECIPIENT_WAIT == timedelta(days=3)  # Stripe's retries of an event
+    account = make_account()
+    subscription = make_trialing_subscription(account)
+    owed = OwedEmailFactory(kind=OwedEmail.Kind.TRIAL_WILL_END, subscription=subscription)
+    age(owed, timedelta(days=1))
+    for attempt in range(1, MAX_ATTEMPTS + 4):  # far past MAX_ATTEMPTS: still waiting
+        assert deliver(owed.pk) == Delivery(Outcome.WAITING, attempt)
+
+    owed.refresh_from_db()
+    waited = settings.BILLING_OUTBOX_SWEEP_AFTER + sum(
+        (retry_delay(n) for n in range(1, owed.attempts + 1)), timedelta()
+    )
+    due_at = owed.created_at + waited
+    assert not due_for_sweep(now=due_at - timedelta(seconds=1)).exists()
+    assert list(due_for_sweep(now=due_at)) == [owed]
+
+    age(owed, settings.BILLING_OUTBOX_RECIPIENT_WAIT - timedelta(minutes=1))
+    assert deliver(owed.pk).outcome == Outcome.WAITING
+    age(owed, settings.BILLING_OUTBOX_RECIPIENT_WAIT)
+    assert sweep_owed_emails() == 1
+
+    owed.refresh_from_db()
+    assert (owed.status, owed.attempts) == (OwedEmail.Status.FAILED, MAX_ATTEMPTS + 5)
+    assert owed.last_error.startswith("NoRecipient: account ")
+    age(owed, timedelta(days=30))
+    assert sweep_owed_emails() == 0
+    assert deliver(owed.pk).outcome == Outcome.SKIPPED
     assert mailoutbox == []
+
+
+def reminder_before_the_address_is_known() -> list[dict]:
+    """A trial reminder of a customer no event has named an address for yet, then its trial invoice, which does."""
+    sub_id, customer = "sub_early_reminder", "cus_early_reminder"
+    reminder = subscription_event(
+        "customer.subscription.trial_will_end",
+        trial_subscription(sub_id, customer),
+        created=T0 + 11 * DAY,
+        event_id="evt_early_reminder",
+    )
+    line = invoice_line_object(
+        id="il_early_reminder", invoice="in_early_reminder", amount=0, period_start=T0, period_end=T0 + 14 * DAY
+    )
+    trial_invoice = invoice_object(
+        id="in_early_reminder",
+        customer=customer,
+        status="draft",
+        billing_reason="subscription_create",
+        lines=[line],
+        subscription=sub_id,
+        created=T0 + 1,
+        customer_email="founder@early.example",
+    )
+    return [reminder, event_object(type="invoice.created", obj=trial_invoice, created=T0 + 1, id="evt_early_invoice")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_trial_reminder_owed_before_the_address_is_known_is_sent_when_it_arrives(post_event, mailoutbox):
+    """Out of order (DESIGN.md: order-independent), as in order: the reminder goes out once, to the customer."""
+    reminder, invoice_created = reminder_before_the_address_is_known()
+
+    assert post_event(reminder).status_code == 200
+
+    owed = OwedEmail.objects.get()
+    assert (owed.kind, owed.status, owed.attempts) == (OwedEmail.Kind.TRIAL_WILL_END, OwedEmail.Status.PENDING, 1)
+    assert owed.last_error.startswith("NoRecipient")
+    assert mailoutbox == []
+
+    assert post_event(invoice_created).status_code == 200  # tells the account its address: due now
+
+    owed.refresh_from_db()
+    assert (owed.status, owed.attempts, owed.last_error) == (OwedEmail.Status.SENT, 1, "")
+    trial_end = datetime.fromtimestamp(T0 + 14 * DAY, tz=UTC)
+    assert [(m.subject, m.to) for m in mailoutbox] == [
+        (f"Your trial ends on {trial_end:%B} {trial_end.day}, {trial_end.year}", ["founder@early.example"])
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_email_not_tried_yet_is_tried_once_the_address_is_known(post_event, mailoutbox):
+    """Its first try may be reading the account at this very moment, as it was before the address
+    came: it is tried again once the transaction that brought the address commits."""
+    account = make_account("early")
+    owed = OwedEmailFactory(kind=OwedEmail.Kind.TRIAL_WILL_END, subscription=make_trialing_subscription(account))
+    line = invoice_line_object(id="il_early", invoice="in_early", amount=500, period_start=T0, period_end=T0)
+    invoice = invoice_object(
+        id="in_early",
+        customer=account.stripe_customer_id,
+        status="draft",
+        billing_reason="manual",
+        lines=[line],
+        created=T0,
+        customer_email="founder@early.example",
+    )
+
+    assert post_event(event_object(type="invoice.created", obj=invoice, created=T0)).status_code == 200
+
+    owed.refresh_from_db()
+    assert (owed.status, owed.attempts) == (OwedEmail.Status.SENT, 1)
+    assert [m.to for m in mailoutbox] == [["founder@early.example"]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_learning_the_address_sends_only_what_waits_for_one(post_event, mailoutbox, flaky_mail):
+    """An e-mail backing off from a mail error keeps its backoff; nothing is sent twice."""
+    reminder, invoice_created = reminder_before_the_address_is_known()
+    post_event(reminder)
+    account = OwedEmail.objects.get().account
+    flaky_mail(1)
+    other = owe_receipt(make_invoice(account, customer_email="payer@early.example"))  # the mail server fails once
+    other.refresh_from_db()
+    assert (other.status, other.attempts) == (OwedEmail.Status.PENDING, 1)
+
+    post_event(invoice_created)
+    post_event({**invoice_created, "id": "evt_early_invoice_again"})  # the address again: nothing more
+
+    assert [m.to for m in mailoutbox] == [["founder@early.example"]]
+    other.refresh_from_db()
+    assert (other.status, other.attempts) == (OwedEmail.Status.PENDING, 1)
 
 
 def test_the_sweep_backs_off_exponentially_up_to_ten_minutes():
