@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/dev.txt | sha1sum | cut -c1
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/billing
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: run test lint format bench requirements check clean
+.PHONY: run test test-faults browser lint format bench soak requirements check clean
 
 $(STAMP): requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,14 +17,21 @@ $(STAMP): requirements/dev.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-## make run: migrate a local SQLite database and serve the app on http://127.0.0.1:8000/
-run: $(STAMP)
-	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} \
-	STRIPE_WEBHOOK_SECRETS=$${STRIPE_WEBHOOK_SECRETS:-whsec_dev_secret} \
+## make run: write .env (once), migrate a local SQLite database, serve the app on http://127.0.0.1:8000/
+run: $(STAMP) .env
 	$(BIN)/python manage.py migrate --noinput
-	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} \
-	STRIPE_WEBHOOK_SECRETS=$${STRIPE_WEBHOOK_SECRETS:-whsec_dev_secret} \
 	$(BIN)/python manage.py runserver $${PORT:-127.0.0.1:8000}
+
+# Development settings, read by config/settings.py in every shell (set variables win). Written
+# only when absent: edit it freely, or delete it to get a new one. Git-ignored: it holds a secret.
+.env: | $(STAMP)
+	key=$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(50))') && umask 077 && printf '%s\n' \
+	  '# Development settings written by `make run` (git-ignored). A variable set in the' \
+	  '# environment wins over this file; README.rst lists every setting.' \
+	  'DJANGO_DEBUG=true' \
+	  "DJANGO_SECRET_KEY=$$key" \
+	  'STRIPE_WEBHOOK_SECRETS=whsec_dev_secret' \
+	  'EMAIL_URL=consolemail://' > $@.tmp && mv $@.tmp $@
 
 ## make lint: ruff's lint rules and formatting check (ruff.toml); `make format` applies both
 lint: $(STAMP)
@@ -35,19 +42,36 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## make test: lint, then the whole suite against PostgreSQL (and Redis/Celery where a test is about the queue)
-test: lint
+## make test: lint, then the suite but the fault tests (make test-faults) against PostgreSQL (and Redis/Celery where a test is about the queue)
+test: lint browser
 	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=test \
 	$(BIN)/python manage.py check --fail-level WARNING
 	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=test \
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=test \
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not faults" $(PYTEST_ARGS)
+
+## make browser: Debian's chromium and chromium-driver for the browser test (billing/tests/test_admin_browser.py)
+browser:
+	test -x /usr/bin/chromedriver || apt-get install -y -qq chromium chromium-driver \
+	  || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+
+## make test-faults: the fault tests (pytest -m faults): gunicorn, Celery, PgBouncer, Redis and a
+## throwaway PostgreSQL as child processes, broken on purpose; a few minutes. Installs pgbouncer.
+test-faults: $(STAMP)
+	command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || apt-get install -y -qq pgbouncer \
+	  || (apt-get update -qq && apt-get install -y -qq pgbouncer)
+	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=test \
+	$(BIN)/pytest -m faults $(PYTEST_ARGS)
 
 ## make bench: the benchmarks; results go to bench/results/
 bench: $(STAMP)
 	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=bench \
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+## make soak: the mix at ~70% of its peak for 10 minutes; results in bench/results/soak.md (not in CI)
+soak: $(STAMP)
+	DATABASE_URL=$(TEST_DATABASE_URL) DJANGO_SECRET_KEY=bench $(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 ## make requirements: re-pin requirements/*.txt from requirements/*.in
 requirements: $(STAMP)

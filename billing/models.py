@@ -5,10 +5,25 @@ Every mirrored row remembers the Stripe ``created`` time of the event that last 
 Stripe delivers them in. See docs/decisions/0002-inbox-and-ordering.rst.
 """
 
+from django.conf import settings
 from django.db import models
+from django.db.models.fields.json import KeyTextTransform, KeyTransform
+from django.db.models.functions import Coalesce
+from django.db.models.lookups import Exact, In
 from simple_history.models import HistoricalRecords
 
 from provisioning.models import Account, Entitlement
+
+
+def livemode_field():
+    """Whether the object lives in Stripe's live mode or its test mode (its dashboard URL differs).
+
+    Set from the object (or its event) by the service that mirrors it; rows mirrored before the
+    field existed took it from their events (migration 0007).
+    """
+    return models.BooleanField(
+        default=False, help_text="Stripe's `livemode`: live or test mode (the dashboard link follows it)."
+    )
 
 
 class MirrorFields(models.Model):
@@ -42,6 +57,7 @@ class Subscription(MirrorFields):
         PAUSED = "paused"
 
     stripe_id = models.CharField(max_length=255, unique=True)
+    livemode = livemode_field()
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="subscriptions")
     status = models.CharField(max_length=32, choices=Status.choices)
     quantity = models.PositiveIntegerField(default=1, help_text="Seats: the quantity of the subscription item.")
@@ -59,6 +75,7 @@ class Subscription(MirrorFields):
 
     class Meta:
         ordering = ["-created_at", "pk"]
+        permissions = [("resync_subscription", "Can re-sync a subscription from Stripe")]
 
     def __str__(self):
         return f"{self.stripe_id} ({self.status})"
@@ -78,6 +95,7 @@ class Invoice(MirrorFields):
         VOID = "void"
 
     stripe_id = models.CharField(max_length=255, unique=True)
+    livemode = livemode_field()
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="invoices")
     subscription = models.ForeignKey(
         Subscription,
@@ -122,6 +140,10 @@ class Invoice(MirrorFields):
     class Meta:
         ordering = ["-stripe_created", "-pk"]
         indexes = [models.Index(fields=["subscription", "period_start"], name="invoice_sub_period")]
+        permissions = [
+            ("resync_invoice", "Can re-sync an invoice from Stripe"),
+            ("resend_receipt", "Can resend the receipt of a paid invoice"),
+        ]
 
     def __str__(self):
         return self.number or self.stripe_id
@@ -210,6 +232,55 @@ class Renewal(models.Model):
         )
 
 
+def event_owner():
+    """Whose an event's object is: ``data.object.customer`` (``cus_...``), or, for an object that
+    names no customer (an invoice payment), the invoice it belongs to (``data.object.invoice``).
+
+    Indexed (``stripeevent_owner``): a customer's id finds all of that customer's events
+    (subscriptions, invoices, charges, refunds, checkout sessions, ...) without reading payloads.
+    """
+    obj = KeyTransform("object", KeyTransform("data", "payload"))
+    return Coalesce(KeyTextTransform("customer", obj), KeyTextTransform("invoice", obj))
+
+
+class StripeEventQuerySet(models.QuerySet):
+    """The events behind a row or a customer, found through indexes (never by reading payloads)."""
+
+    def about(self, stripe_id: str) -> "StripeEventQuerySet":
+        """Events whose object is ``stripe_id``, or belongs to it (the invoice payments of an invoice)."""
+        return self.filter(events_about(stripe_id))
+
+    def of_customer(self, customer_id: str) -> "StripeEventQuerySet":
+        """Every event of a customer (``cus_...``); see ``events_of_customer``."""
+        return self.filter(events_of_customer(customer_id))
+
+
+def events_about(stripe_id: str) -> models.Q:
+    return models.Q(object_id=stripe_id) | models.Q(Exact(event_owner(), stripe_id))
+
+
+def events_of_customer(customer_id: str) -> models.Q:
+    """Every event of a customer: about the customer itself, about an object that names it
+    (subscriptions, invoices, charges, PaymentIntents, checkout sessions, setup intents, recent
+    refunds: ``event_owner``), about an invoice payment of one of its invoices, and about a
+    refund or dispute of one of its payments (objects that may name no customer).
+
+    The customer's invoice, refund and dispute ids are read first (a few rows, by index), so the
+    events are found by the ``object_id`` and ``stripeevent_owner`` indexes alone.
+    """
+    invoice_ids = list(
+        Invoice.objects.filter(account__stripe_customer_id=customer_id).values_list("stripe_id", flat=True)
+    )
+    payments = Payment.objects.filter(stripe_invoice_id__in=invoice_ids)
+    refund_ids = Refund.objects.filter(
+        models.Q(payment_intent_id__in=payments.values("payment_intent_id"))
+        | models.Q(charge_id__in=payments.exclude(charge_id="").values("charge_id"))
+    ).values_list("stripe_id", flat=True)
+    dispute_ids = Dispute.objects.of_payments(payments).values_list("stripe_id", flat=True)
+    object_ids = [customer_id, *refund_ids, *dispute_ids]
+    return models.Q(object_id__in=object_ids) | models.Q(In(event_owner(), [customer_id, *invoice_ids]))
+
+
 class StripeEvent(models.Model):
     """The inbox: every verified delivery, whatever its fate.
 
@@ -237,6 +308,8 @@ class StripeEvent(models.Model):
     received_at = models.DateTimeField(auto_now_add=True)
     processed_at = models.DateTimeField(null=True, blank=True)
 
+    objects = StripeEventQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created", "-received_at"]
         # Every delivery inserts into each of these, so there are as few as the reads need:
@@ -250,7 +323,10 @@ class StripeEvent(models.Model):
                 condition=models.Q(status__in=["failed", "received"]),
                 name="stripeevent_unsettled",
             ),
+            # A customer's events, for support (``billing.admin.inbox``); see ``event_owner``.
+            models.Index(event_owner(), name="stripeevent_owner"),
         ]
+        permissions = [("reprocess_stripeevent", "Can re-process a Stripe event")]
 
     def __str__(self):
         return f"{self.id} {self.type} ({self.status})"
@@ -265,6 +341,7 @@ class Payment(models.Model):
     """
 
     payment_intent_id = models.CharField(max_length=255, unique=True)
+    livemode = livemode_field()
     invoice = models.ForeignKey(Invoice, on_delete=models.SET_NULL, null=True, blank=True, related_name="payments")
     stripe_invoice_id = models.CharField(max_length=255, blank=True, db_index=True)
     charge_id = models.CharField(max_length=255, blank=True, db_index=True)
@@ -286,6 +363,7 @@ class Refund(models.Model):
     """Mirror of a Stripe refund (https://docs.stripe.com/api/refunds/object)."""
 
     stripe_id = models.CharField(max_length=255, unique=True)
+    livemode = livemode_field()
     payment_intent_id = models.CharField(max_length=255, blank=True, db_index=True)
     charge_id = models.CharField(max_length=255, blank=True, db_index=True)
     amount = models.BigIntegerField(default=0)
@@ -354,6 +432,7 @@ class Dispute(MirrorFields):
         PREVENTED = "prevented"
 
     stripe_id = models.CharField(max_length=255, unique=True, help_text="Stripe's dispute id (dp_...).")
+    livemode = livemode_field()
     charge_id = models.CharField(max_length=255, db_index=True, help_text="The disputed charge (ch_...).")
     payment_intent_id = models.CharField(
         max_length=255,
@@ -403,7 +482,9 @@ class OwedEmail(models.Model):
 
     The on-commit task normally sends it at once; if the broker or the process died in
     between, the periodic sweep finds it still unsent. ``key`` makes it owed once: a receipt is
-    ``receipt:<invoice id>``, whatever the number of deliveries of ``invoice.paid``.
+    ``receipt:<invoice id>``, whatever the number of deliveries of ``invoice.paid``. A receipt
+    sent again because someone asked (``billing.outbox.resend_receipt``, the only way to send one
+    twice) is a row of its own, ``receipt:<invoice id>:resend:<n>``, naming who asked.
     """
 
     class Kind(models.TextChoices):
@@ -426,11 +507,20 @@ class OwedEmail(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="Who asked for this e-mail (a receipt sent again from the admin); empty when an event owed it.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     sent_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
+        permissions = [("send_owedemail", "Can send an owed e-mail now")]
 
     def __str__(self):
         return self.key

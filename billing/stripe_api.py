@@ -6,12 +6,16 @@ in tests and offline demos, where a local server answers in Stripe's shape.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import NamedTuple
 
 import stripe
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.utils import timezone
 
 from .stripe_payloads import object_id
 
@@ -52,3 +56,30 @@ def invoice_for_payment_intent(payment_intent_id: str) -> str | None:
     for payment in page.data:
         return object_id(payment.to_dict().get("invoice")) or None
     return None
+
+
+class Fetched(NamedTuple):
+    """An object as Stripe's API answered it, and when and by which request it answered."""
+
+    obj: dict  # the JSON object exactly as Stripe sent it
+    answered_at: datetime  # Stripe's clock (the response's ``Date``), to the second
+    request_id: str  # Stripe's ``Request-Id`` (req_...), to find the call in Stripe's logs
+
+
+def retrieve_subscription(stripe_id: str) -> Fetched:
+    """``GET /v1/subscriptions/<id>``: https://docs.stripe.com/api/subscriptions/retrieve"""
+    return _fetched(client().v1.subscriptions.retrieve(stripe_id))
+
+
+def retrieve_invoice(stripe_id: str) -> Fetched:
+    """``GET /v1/invoices/<id>``: https://docs.stripe.com/api/invoices/retrieve"""
+    return _fetched(client().v1.invoices.retrieve(stripe_id))
+
+
+def _fetched(obj: stripe.StripeObject) -> Fetched:
+    response = obj.last_response
+    try:
+        answered_at = parsedate_to_datetime(response.headers["date"])
+    except (KeyError, TypeError, ValueError):
+        answered_at = timezone.now().replace(microsecond=0)  # no usable Date header: our clock
+    return Fetched(json.loads(response.body), answered_at, response.request_id or "")

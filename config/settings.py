@@ -5,6 +5,7 @@ Every setting that an operator may change is listed in README.rst. Defaults are 
 production must opt in to nothing unsafe: DEBUG is off unless ``DJANGO_DEBUG`` says otherwise.
 """
 
+import os
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,6 +15,20 @@ import environ
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
+# Development values that every command of README.rst needs in any shell (DJANGO_DEBUG, a
+# generated DJANGO_SECRET_KEY, the dev webhook secret): ``make run`` writes them once to this
+# git-ignored file. A variable set in the environment wins over the file. What the tests prove
+# and the benchmarks measure must not depend on a developer's .env, so it is read only when
+# this module is the settings module (not under bench.settings, which builds on it with values
+# of its own) and never in a pytest session (pytest sets PYTEST_VERSION for the whole session,
+# and the processes a test starts inherit it).
+DOT_ENV_FILE = BASE_DIR / ".env"
+if (
+    DOT_ENV_FILE.is_file()
+    and os.environ.get("DJANGO_SETTINGS_MODULE") == __name__
+    and "PYTEST_VERSION" not in os.environ
+):
+    environ.Env.read_env(DOT_ENV_FILE)
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 SECRET_KEY = env.str(
@@ -32,6 +47,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and ReDoc served from static files: /api/docs/ works offline
     "simple_history",
     "provisioning",
     "billing",
@@ -39,6 +55,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "config.middleware.RejectNulBytesMiddleware",  # a NUL byte in a URL or form: 400, never the database
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -133,20 +150,31 @@ CELERY_BEAT_SCHEDULE = {
         "task": "billing.tasks.sweep_owed_emails",
         "schedule": timedelta(seconds=30),
     },
+    # Asks Stripe again for the invoice of refunded payments whose look-up was lost (billing.tasks).
+    "sweep-unresolved-payments": {
+        "task": "billing.tasks.sweep_unresolved_payments",
+        "schedule": timedelta(minutes=5),
+    },
 }
 # Owed e-mails older than this are picked up by the sweep (the on-commit task normally wins).
 BILLING_OUTBOX_SWEEP_AFTER = timedelta(seconds=env.int("BILLING_OUTBOX_SWEEP_AFTER_SECONDS", default=20))
 BILLING_OUTBOX_SWEEP_INTERVAL = env.int("BILLING_OUTBOX_SWEEP_INTERVAL_SECONDS", default=30)
 # With a broker: how long a web process collects committed e-mails before publishing them as one task.
 BILLING_OUTBOX_PUBLISH_WINDOW = env.float("BILLING_OUTBOX_PUBLISH_WINDOW_SECONDS", default=0.2)
+# An owed e-mail with nobody to send it to yet waits this long for an address, then is given up
+# (Stripe retries an event for up to 3 days; see billing.tasks).
+BILLING_OUTBOX_RECIPIENT_WAIT = timedelta(hours=env.int("BILLING_OUTBOX_RECIPIENT_WAIT_HOURS", default=72))
 # Without a broker the web process runs the sweep in a daemon thread (see billing.outbox).
 BILLING_INPROCESS_SWEEP = env.bool("BILLING_INPROCESS_SWEEP", default=not CELERY_BROKER_URL)
 
 # --- REST API ----------------------------------------------------------------------------
 REST_FRAMEWORK = {
+    # Token first: a request without credentials is answered 401 with ``WWW-Authenticate: Token``
+    # (DRF takes that header from the first class; SessionAuthentication has none, hence 403).
+    # Session auth (the login page at LOGIN_URL) still checks CSRF on unsafe methods.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.SessionAuthentication",
         "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -157,7 +185,18 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Billing API",
     "DESCRIPTION": "Invoices and subscription of the caller's account.",
     "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,  # /api/schema/ is not an operation of the API it describes
+    # Swagger UI and ReDoc from drf-spectacular-sidecar's static files, not from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # No badge from swagger.io's online validator: the page asks no host but this one.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
 }
+# Account owners sign in at /accounts/login/ (no admin access needed) and land on their billing page.
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "billing:my-billing"
+LOGOUT_REDIRECT_URL = "login"
 
 # --- Logging -----------------------------------------------------------------------------
 # Never log payloads, secrets or signatures: handlers log ids and types only.
@@ -169,3 +208,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}, "stripe": {"level": "WARNING"}},
 }
+if not CELERY_BROKER_URL:
+    # No broker: tasks run in-process. For each one Celery still takes a producer from kombu's
+    # pool (only to serialise the arguments; it never connects), and kombu warns "No hostname
+    # was supplied" about a broker nobody configured. With a broker its warnings are kept.
+    LOGGING["loggers"]["kombu.connection"] = {"level": "ERROR"}

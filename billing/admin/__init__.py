@@ -1,26 +1,32 @@
-"""The admin support staff work in (DESIGN.md, "Who uses it").
+"""The admin support staff work in (DESIGN.md, "Who uses it"; README, "Support staff").
 
-Support finds a customer by e-mail or by any Stripe id, reads the subscription, invoices,
-renewals, disputes and the raw events behind them with their history, and fixes things through
-actions (re-process an event, send an owed e-mail), never by typing over what Stripe said.
-Mirrored rows are read-only (``base.StripeMirrorAdmin``); one module per area:
+Support finds a customer by e-mail or by any Stripe id, reads the account's page (the hub: its
+subscriptions, entitlements, invoices, renewals, disputes and recent events), the invoice's page
+(its payments, refunds, disputes and receipts) and the raw events behind them with their
+history, and fixes things through support actions, never by typing over what Stripe said:
+re-process an event, re-sync a subscription or an invoice from Stripe, resend a receipt, send an
+owed e-mail now. Each action has a permission of its own, held by the "Billing support" group.
 
-* ``base``: read-only mirrors, dashboard and admin links, money with its currency;
+One module per area:
+
+* ``base``: read-only mirrors, put together from
+  ``display`` (links that follow the object's livemode, money with its currency, tables),
+  ``lists`` (what a list accepts from its address: never a 500),
+  ``search`` (any pasted Stripe id, matched exactly) and
+  ``actions`` (support actions: a button and a list action, behind a confirmation page);
 * ``accounts``: accounts (the hub) and their entitlements, provisioning's models shown with
   billing's mirror (so provisioning's own admin needs nothing from billing);
-* ``subscriptions``: subscriptions and their renewals;
-* ``invoices``: invoices and their lines, and the disputes of their payments;
+* ``subscriptions``: subscriptions and their renewals; re-sync;
+* ``invoices``: invoices, their lines, payments, refunds, disputes and receipts; re-sync, resend;
 * ``payments`` / ``disputes``: payments, refunds and disputes;
-* ``inbox`` / ``outbox``: the events Stripe sent, the e-mails the app owes.
-
-Stripe ids are searched exactly (``=``, case-insensitive): a pasted id finds its row, and "in_"
-does not find every invoice. Names, e-mails and invoice numbers match in part.
+* ``inbox`` / ``outbox``: the events Stripe sent (re-process), the e-mails the app owes (send now);
+* ``site``: the admins of other apps (users, groups, tokens, members), given the same list checks.
 
 Every changelist selects or annotates what its columns show: a list costs the same number of
 queries for 3 rows as for 30 (see tests/test_admin.py).
 """
 
-from . import accounts, disputes, inbox, invoices, outbox, payments, subscriptions  # noqa: F401  (registers)
+from . import accounts, disputes, inbox, invoices, outbox, payments, site, subscriptions  # noqa: F401  (registers)
 from .base import (  # noqa: F401  (the building blocks, for admin modules of other apps built on billing)
     ReadOnlyInline,
     StripeMirrorAdmin,
@@ -29,3 +35,5 @@ from .base import (  # noqa: F401  (the building blocks, for admin modules of ot
     money_display,
     stripe_dashboard_link,
 )
+
+site.check_every_list()  # last: after every app's admin, and billing's own, is registered

@@ -1,65 +1,65 @@
-"""What every billing admin page is built from: read-only mirrors, links, money.
+"""What every billing admin page is built from: read-only mirrors, checked lists, support actions.
 
 Rows here are written by webhook handlers from Stripe's snapshots. A hand edit would be silently
 overwritten by the next event, or would make the mirror disagree with Stripe with no trace of
 why, so, as in dj-stripe's admin, one base class (``StripeMirrorAdmin``, through
 ``WebhookOwnedAdminMixin``) derives every model field as read-only and only fields a model admin
-names in ``editable_fields`` stay editable.
+names in ``editable_fields`` stay editable. Nobody deletes a mirrored row or an account here,
+superusers included: Stripe is where objects end, and an event records it.
+
+Every admin of this app is a ``BillingAdminMixin``: its list checks what its address asks
+(``lists``), its search box finds any Stripe id (``search``), its fixes are support actions
+behind a confirmation page (``actions``), and its pages show messages exactly as written.
 """
 
-from urllib.parse import urlencode
-
 from django.contrib import admin
-from django.urls import reverse
 from django.utils.html import format_html
 from simple_history.admin import SimpleHistoryAdmin
 
 from ..models import StripeEvent
-from ..money import format_amount
+from .actions import SupportActionsMixin
+from .display import admin_link, changelist_url, money_display, stripe_dashboard_link, table
+from .lists import CheckedListMixin
+from .search import StripeIdSearchMixin
 
-STRIPE_DASHBOARD = "https://dashboard.stripe.com/"
+__all__ = [
+    "BillingAdminMixin",
+    "ReadOnlyInline",
+    "StripeMirrorAdmin",
+    "WebhookOwnedAdminMixin",
+    "admin_link",
+    "changelist_url",
+    "money_display",
+    "stripe_dashboard_link",
+    "table",
+]
+
 # How a mirrored row was last synced: shown after what Stripe says about the object.
-SYNC_FIELDS = ("stripe_events", "stripe_created", "last_event_created", "last_event_id", "created_at", "updated_at")
+SYNC_FIELDS = (
+    "stripe_events",
+    "livemode",
+    "stripe_created",
+    "last_event_created",
+    "last_event_id",
+    "created_at",
+    "updated_at",
+)
 
 
-def stripe_dashboard_link(path: str, stripe_id: str, livemode: bool = True):
-    """A link opening ``stripe_id`` in Stripe's dashboard (e.g. ``path="invoices"``).
+class BillingAdminMixin(CheckedListMixin, StripeIdSearchMixin, SupportActionsMixin):
+    """Checked lists, Stripe id search, support actions, and templates that never capitalise a message."""
 
-    Test-mode objects live under ``/test/``. Mirrored rows do not store ``livemode``, so they get
-    the live URL; only events know their mode.
-    """
-    if not stripe_id:
-        return None
-    url = f"{STRIPE_DASHBOARD}{'' if livemode else 'test/'}{path}/{stripe_id}"
-    return format_html('<a href="{}" target="_blank" rel="noopener noreferrer">{}</a>', url, stripe_id)
+    change_list_template = "admin/billing/support/change_list.html"
+    change_form_template = "admin/billing/support/change_form.html"
 
 
-def admin_link(obj, text=None):
-    """A link to ``obj``'s admin page, so support can walk from row to related row."""
-    if obj is None:
-        return None
-    opts = obj._meta
-    url = reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk])
-    return format_html('<a href="{}">{}</a>', url, text if text is not None else obj)
-
-
-def money_display(field: str, description: str | None = None):
-    """An admin column showing the amount ``field`` with the row's currency ("12.34 USD")."""
-
-    @admin.display(description=description or field.replace("_", " "), ordering=field)
-    def display(self, obj):
-        return format_amount(getattr(obj, field), obj.currency)
-
-    return display
-
-
-class WebhookOwnedAdminMixin:
+class WebhookOwnedAdminMixin(BillingAdminMixin):
     """Rows that webhook handlers own: people read them, and write only ``editable_fields``.
 
     Every concrete field not named in ``editable_fields`` is read-only. With nothing editable
-    the admin is view-only (no add, change or delete): the fix for a wrong row is in Stripe and
-    a re-processed event, not a form. Actions that change state check the model's change
-    permission as granted to the user (``has_fix_permission``), not the view-only admin.
+    the admin is view-only (no add or change); nothing is ever deleted. The fix for a wrong row
+    is in Stripe and a support action (re-process, re-sync), not a form; each action has a
+    permission of its own (``billing.models``, given to the "Billing support" group).
     """
 
     editable_fields: tuple[str, ...] = ()
@@ -76,19 +76,15 @@ class WebhookOwnedAdminMixin:
         return bool(self.editable_fields) and super().has_change_permission(request, obj)
 
     def has_delete_permission(self, request, obj=None):
-        return bool(self.editable_fields) and super().has_delete_permission(request, obj)
-
-    def has_fix_permission(self, request):
-        opts = self.model._meta
-        return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
+        return False  # mirrored rows and accounts end in Stripe, never here (superusers included)
 
 
 class StripeMirrorAdmin(WebhookOwnedAdminMixin, SimpleHistoryAdmin):
     """Base of the admin of every row mirrored from a Stripe object.
 
-    On the change page the Stripe id (``stripe_id_field``) is shown as a link to the dashboard,
-    followed by a link to the inbox events about that object. History (simple_history) shows
-    which event changed what.
+    On the change page the Stripe id (``stripe_id_field``) is shown as a link to the dashboard
+    of the object's mode (``livemode_of``), followed by a link to the inbox events about that
+    object. History (simple_history) shows which event changed what.
     """
 
     stripe_id_field = "stripe_id"
@@ -108,9 +104,14 @@ class StripeMirrorAdmin(WebhookOwnedAdminMixin, SimpleHistoryAdmin):
             *(name for name in SYNC_FIELDS if name in fields),
         ]
 
+    def livemode_of(self, obj) -> bool:
+        return obj.livemode
+
     @admin.display(description="Stripe id")
     def stripe_dashboard(self, obj):
-        return stripe_dashboard_link(self.stripe_dashboard_path, getattr(obj, self.stripe_id_field))
+        return stripe_dashboard_link(
+            self.stripe_dashboard_path, getattr(obj, self.stripe_id_field), self.livemode_of(obj)
+        )
 
     @admin.display(description="events")
     def stripe_events(self, obj):
@@ -119,7 +120,7 @@ class StripeMirrorAdmin(WebhookOwnedAdminMixin, SimpleHistoryAdmin):
         if not stripe_id:
             return None
         count = StripeEvent.objects.filter(object_id=stripe_id).count()
-        url = f"{reverse('admin:billing_stripeevent_changelist')}?{urlencode({'object_id': stripe_id})}"
+        url = changelist_url(StripeEvent, object_id=stripe_id)
         return format_html('<a href="{}">{} event{} in the inbox</a>', url, count, "" if count == 1 else "s")
 
 

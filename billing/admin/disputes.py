@@ -8,46 +8,21 @@ shows it.
 
 from django.contrib import admin
 from django.db.models import Q
-from django.utils import timezone
-from django.utils.html import format_html, format_html_join
+from django.utils.html import format_html_join
 
 from ..models import Dispute, Invoice, Payment
-from ..money import format_amount
-from .base import SYNC_FIELDS, StripeMirrorAdmin, admin_link, money_display, stripe_dashboard_link
-
-_TABLE = (
-    "<table><thead><tr><th>dispute</th><th>amount</th><th>status</th><th>reason</th><th>evidence due by</th>"
-    "</tr></thead><tbody>{}</tbody></table>"
-)
-
-
-def evidence_due(dispute: Dispute) -> str:
-    if dispute.evidence_due_by is None:
-        return "-"
-    return f"{timezone.localtime(dispute.evidence_due_by):%Y-%m-%d %H:%M}"
+from .base import SYNC_FIELDS, StripeMirrorAdmin, admin_link, money_display, stripe_dashboard_link, table
+from .display import money, when, when_display
+from .search import stripe_id_kind
 
 
 def disputes_table(disputes):
     """A read-only table of ``disputes``, each linked to its admin page; None when there are none."""
     rows = [
-        (
-            admin_link(d),
-            format_amount(d.amount, d.currency),
-            d.get_status_display(),
-            d.reason or "-",
-            evidence_due(d),
-        )
+        (admin_link(d), money(d.amount, d.currency), d.get_status_display(), d.reason or "-", when(d.evidence_due_by))
         for d in disputes
     ]
-    if not rows:
-        return None
-    cells = "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>"
-    return format_html(_TABLE, format_html_join("", cells, rows))
-
-
-def invoice_ids_disputed_by(term: str):
-    """The Stripe ids of the invoices paid by what the dispute ``term`` (its ``dp_`` id) is about."""
-    return Dispute.objects.filter(stripe_id__iexact=term).payments().values("stripe_invoice_id")
+    return table("disputes", ("dispute", "amount", "status", "reason", "evidence due by"), rows)
 
 
 @admin.register(Dispute)
@@ -59,18 +34,11 @@ class DisputeAdmin(StripeMirrorAdmin):
     """
 
     stripe_dashboard_path = "disputes"
-    list_display = (
-        "stripe_id",
-        "amount_display",
-        "status",
-        "reason",
-        "evidence_due_by",
-        "charge_id",
-        "payment_intent_id",
-        "stripe_created",
-    )
+    list_display = ("stripe_id", "amount_display", "status", "reason", "evidence_due")
     list_filter = ("status", "reason")
-    search_fields = ("=stripe_id", "=charge_id", "=payment_intent_id")
+    search_fields = ("reason",)
+    search_help_text = "A Stripe id (dp_, ch_, pi_, in_, cus_, evt_), an invoice number or a reason."
+    stripe_id_fields = {"dp": ("stripe_id",), "ch": ("charge_id",), "pi": ("payment_intent_id",)}
     readonly_fields = ("amount_display", "charge", "payments", "invoices", "accounts")
     fieldsets = (
         (None, {"fields": ("stripe_dashboard", "status", "reason", "amount_display", "evidence_due_by")}),
@@ -80,23 +48,27 @@ class DisputeAdmin(StripeMirrorAdmin):
     )
 
     amount_display = money_display("amount")
+    evidence_due = when_display("evidence_due_by", "evidence due by")
+
+    def stripe_id_condition(self, kind, stripe_id):
+        """Also the disputes of an invoice's or a customer's payments (``in_``, ``cus_``)."""
+        condition = super().stripe_id_condition(kind, stripe_id)
+        if condition is not None or kind not in ("in", "cus"):
+            return condition
+        field = "stripe_id" if kind == "in" else "account__stripe_customer_id"
+        return _of_invoices(Invoice.objects.filter(**{field: stripe_id}))
 
     def get_search_results(self, request, queryset, search_term):
-        """Also the disputes of an invoice (``in_...`` or its number) or a customer (``cus_...``)."""
+        """An invoice's number finds the disputes of its payments too."""
         found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
         term = search_term.strip()
-        if not term:
-            return found, may_have_duplicates
-        invoices = Invoice.objects.filter(
-            Q(stripe_id__iexact=term) | Q(number__iexact=term) | Q(account__stripe_customer_id__iexact=term)
-        )
-        payments = Payment.objects.filter(stripe_invoice_id__in=invoices.values("stripe_id"))
-        via_invoice = queryset.filter(pk__in=Dispute.objects.of_payments(payments).values("pk"))
-        return found | via_invoice, may_have_duplicates
+        if term and stripe_id_kind(term) is None:
+            found |= queryset.filter(_of_invoices(Invoice.objects.filter(number=term)))
+        return found, may_have_duplicates
 
     @admin.display(description="charge")
     def charge(self, dispute):
-        return stripe_dashboard_link("payments", dispute.charge_id)
+        return stripe_dashboard_link("payments", dispute.charge_id, dispute.livemode)
 
     @admin.display(description="payments in this app")
     def payments(self, dispute):
@@ -109,6 +81,11 @@ class DisputeAdmin(StripeMirrorAdmin):
     @admin.display(description="accounts")
     def accounts(self, dispute):
         return _links({invoice.account for invoice in dispute.invoices()})
+
+
+def _of_invoices(invoices) -> Q:
+    payments = Payment.objects.filter(stripe_invoice_id__in=invoices.values("stripe_id"))
+    return Q(pk__in=Dispute.objects.of_payments(payments).values("pk"))
 
 
 def _links(rows):

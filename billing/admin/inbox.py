@@ -3,13 +3,16 @@
 import json
 
 from django.contrib import admin, messages
+from django.db.models import Q
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from provisioning.models import Account
 
-from ..models import Dispute, Invoice, Payment, Refund, StripeEvent, Subscription
+from ..models import Dispute, Invoice, Payment, Refund, StripeEvent, Subscription, events_about, events_of_customer
+from .actions import support_action
 from .base import WebhookOwnedAdminMixin, admin_link, stripe_dashboard_link
+from .display import when_display
 
 # Where an event's object may be mirrored: (model, the field holding the Stripe id).
 EVENT_OBJECT_ROWS = (
@@ -17,6 +20,7 @@ EVENT_OBJECT_ROWS = (
     (Invoice, "stripe_id"),
     (Account, "stripe_customer_id"),
     (Payment, "payment_intent_id"),
+    (Payment, "charge_id"),
     (Refund, "stripe_id"),
     (Dispute, "stripe_id"),
 )
@@ -26,12 +30,21 @@ EVENT_OBJECT_ROWS = (
 class StripeEventAdmin(WebhookOwnedAdminMixin, admin.ModelAdmin):
     """The inbox, exactly as Stripe sent it: nothing here may be added, edited or deleted.
 
-    It is the evidence behind every mirrored row; the only fix is to re-process an event.
+    It is the evidence behind every mirrored row; the only fix is to re-process an event, which
+    goes through the webhook's own exactly-once path (``billing.webhook.inbox.process_event``).
+
+    The search box finds an event by its id; any other Stripe id finds the events about that
+    object, and the invoice payments of an invoice; a customer's ``cus_`` id finds every event
+    of that customer (``StripeEvent.objects.of_customer``).
     """
 
-    list_display = ("id", "type", "status", "attempts", "created", "received_at", "processed_at")
+    list_display = ("id", "type", "status_display", "created_display")
     list_filter = ("status", "type", "livemode")
-    search_fields = ("=id", "=object_id", "type")
+    list_lookups = ("object_id",)  # the "events" link of every mirrored row
+    search_fields = ("type",)
+    search_help_text = (
+        "An event id (evt_), any Stripe object id (its events), a customer id (cus_: all its events), or a type."
+    )
     date_hierarchy = "created"
     readonly_fields = ("stripe_dashboard", "related_rows", "payload_pretty")
     fieldsets = (
@@ -40,7 +53,23 @@ class StripeEventAdmin(WebhookOwnedAdminMixin, admin.ModelAdmin):
         ("Object", {"fields": ("object_id", "related_rows", "livemode", "api_version")}),
         ("Payload", {"fields": ("payload_pretty",)}),
     )
-    actions = ("reprocess",)
+    support_actions = ("reprocess",)
+
+    created_display = when_display("created", "created")
+
+    @admin.display(description="status", ordering="status")
+    def status_display(self, event):
+        """The status, and how often a handler ran on an event that is not settled yet."""
+        if event.status in (StripeEvent.Status.FAILED, StripeEvent.Status.RECEIVED) and event.attempts:
+            return f"{event.get_status_display()} ({event.attempts} attempt{'' if event.attempts == 1 else 's'})"
+        return event.get_status_display()
+
+    def stripe_id_condition(self, kind, stripe_id):
+        if kind == "evt":
+            return Q(id=stripe_id)
+        if kind == "cus":
+            return events_of_customer(stripe_id)
+        return events_about(stripe_id)
 
     @admin.display(description="event id")
     def stripe_dashboard(self, event):
@@ -62,17 +91,31 @@ class StripeEventAdmin(WebhookOwnedAdminMixin, admin.ModelAdmin):
     def payload_pretty(self, event):
         return format_html("<pre>{}</pre>", json.dumps(event.payload, indent=2, ensure_ascii=False))
 
-    def has_reprocess_permission(self, request):
-        return self.has_fix_permission(request)
+    def support_action_note(self, name, event):
+        if event.status == StripeEvent.Status.PROCESSED:
+            return "already processed: it will be left alone (an event is applied once)"
+        last_error = event.last_error.strip().splitlines()[-1] if event.last_error.strip() else ""
+        return f"{event.attempts} attempt(s) so far" + (f"; last error: {last_error}" if last_error else "")
 
-    @admin.action(description="Re-process selected events", permissions=("reprocess",))
-    def reprocess(self, request, queryset):
-        """Run each event through the inbox again, oldest first, as a retry from Stripe would."""
-        from billing.webhook.inbox import process_event  # imported late: the inbox imports the handlers
+    @support_action(
+        label="Re-process",
+        permission="billing.reprocess_stripeevent",
+        explanation=(
+            "Each event is applied again by its handler, oldest first, exactly as a retry from Stripe would be: "
+            "in one transaction, and only if it is not processed yet."
+        ),
+        ordering=("created", "pk"),
+    )
+    def reprocess(self, request, event):
+        """Apply the event again through the inbox (``process_event``): the webhook's exactly-once path."""
+        from billing.webhook.inbox import DUPLICATE, process_event  # late: the inbox imports the handlers
 
-        for event_id in queryset.order_by("created").values_list("pk", flat=True):
-            result = process_event(event_id)
-            if result.status == "failed":
-                self.message_user(request, f"{event_id}: failed: {result.error}", messages.ERROR)
-            else:
-                self.message_user(request, f"{event_id}: {result.status}", messages.SUCCESS)
+        outcome = process_event(event.pk)
+        if outcome.status == DUPLICATE:
+            return messages.INFO, f"Event {event.pk} was already processed: nothing was applied again."
+        if outcome.status == StripeEvent.Status.FAILED:
+            last_line = outcome.error.strip().splitlines()[-1] if outcome.error.strip() else "unknown error"
+            return messages.ERROR, f"Event {event.pk} failed again: {last_line}"
+        if outcome.status == StripeEvent.Status.IGNORED:
+            return messages.WARNING, f"Event {event.pk} has no handler ({event.type}): it is marked ignored."
+        return messages.SUCCESS, f"Event {event.pk} ({event.type}) was re-processed: it is now processed."

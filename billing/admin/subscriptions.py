@@ -1,11 +1,14 @@
-"""Subscriptions and the renewals planned for them (matching rule: docs/decisions/0001)."""
+"""Subscriptions and the renewals planned for them (matching rule: docs/decisions/0001); re-sync."""
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db.models import Q
 from simple_history.admin import SimpleHistoryAdmin
 
 from ..models import Invoice, Renewal, Subscription
+from ..services.resync import ResyncFailed, resync_subscription
+from .actions import resync_message, support_action
 from .base import ReadOnlyInline, StripeMirrorAdmin, WebhookOwnedAdminMixin, admin_link, money_display
+from .display import when_display
 
 
 class RenewalInline(ReadOnlyInline):
@@ -26,24 +29,47 @@ class SubscriptionInvoiceInline(ReadOnlyInline):
 @admin.register(Subscription)
 class SubscriptionAdmin(StripeMirrorAdmin):
     stripe_dashboard_path = "subscriptions"
-    list_display = (
-        "stripe_id",
-        "account_link",
-        "status",
-        "quantity",
-        "current_period_end",
-        "trial_end",
-        "cancel_at_period_end",
-        "updated_at",
-    )
+    list_display = ("stripe_id", "account_link", "status", "seats", "period_end", "cancels")
     list_select_related = ("account",)
     list_filter = ("status", "cancel_at_period_end")
-    search_fields = ("=stripe_id", "=account__stripe_customer_id", "account__name", "account__billing_email")
+    search_fields = ("account__name", "account__billing_email")
+    stripe_id_fields = {"sub": ("stripe_id",), "cus": ("account__stripe_customer_id",)}
+    invoice_id_field = "invoices__stripe_id"  # in_, pi_, ch_, re_, dp_: the subscription it paid for
     inlines = (RenewalInline, SubscriptionInvoiceInline)
+    support_actions = ("resync",)
 
     @admin.display(description="account", ordering="account__name")
     def account_link(self, subscription):
-        return admin_link(subscription.account)
+        return admin_link(subscription.account, subscription.account.name)
+
+    period_end = when_display("current_period_end", "period ends")
+
+    @admin.display(description="seats", ordering="quantity")
+    def seats(self, subscription):
+        return subscription.quantity
+
+    @admin.display(description="cancels", boolean=True, ordering="cancel_at_period_end")
+    def cancels(self, subscription):
+        """Whether it cancels at the end of its current period."""
+        return subscription.cancel_at_period_end
+
+    def support_action_note(self, name, subscription):
+        return f"{subscription.get_status_display().lower()}, {subscription.quantity} seat(s)"
+
+    @support_action(
+        label="Re-sync from Stripe",
+        permission="billing.resync_subscription",
+        explanation=(
+            "Each subscription is fetched from Stripe's API and applied as the newest snapshot, through the same "
+            "services as its events: its entitlements and renewals follow."
+        ),
+        max_rows=20,
+    )
+    def resync(self, request, subscription):
+        try:
+            return resync_message("Subscription", resync_subscription(subscription.stripe_id))
+        except ResyncFailed as exc:
+            return messages.ERROR, f"Subscription {subscription.stripe_id} was not re-synced: {exc}"
 
 
 # --- Renewals ----------------------------------------------------------------------------
@@ -82,11 +108,16 @@ class RenewalLinkedFilter(admin.SimpleListFilter):
 class RenewalAdmin(WebhookOwnedAdminMixin, SimpleHistoryAdmin):
     """Renewals are planned by provisioning and linked by handlers (matching rule: ADR 0001)."""
 
-    list_display = ("subscription", "effective_date", "stripe_invoice_id", "processed_at")
+    list_display = ("subscription", "effective", "stripe_invoice_id", "processed")
     list_select_related = ("subscription",)
     list_filter = (RenewalProcessedFilter, RenewalLinkedFilter)
-    search_fields = ("=subscription__stripe_id", "=stripe_invoice_id")
+    search_fields = ("subscription__account__name",)
+    stripe_id_fields = {"sub": ("subscription__stripe_id",), "cus": ("subscription__account__stripe_customer_id",)}
+    invoice_id_field = "stripe_invoice_id"
     readonly_fields = ("invoice",)
+
+    effective = when_display("effective_date", "effective")
+    processed = when_display("processed_at", "processed")
 
     @admin.display(description="invoice in this app")
     def invoice(self, renewal):

@@ -6,12 +6,21 @@ from provisioning.models import Entitlement
 
 class InvoiceSerializer(serializers.ModelSerializer):
     id = serializers.CharField(source="stripe_id", help_text="Stripe's invoice id (in_...).")
-    created = serializers.DateTimeField(source="stripe_created")
+    subscription = serializers.SerializerMethodField(
+        help_text="Stripe's id of the invoice's subscription (sub_...); null for a one-off invoice."
+    )
+    created = serializers.DateTimeField(
+        source="stripe_created",
+        allow_null=True,
+        read_only=True,
+        help_text="When Stripe created the invoice; null until a snapshot of it has named that time.",
+    )
 
     class Meta:
         model = Invoice
         fields = [
             "id",
+            "subscription",
             "number",
             "status",
             "billing_reason",
@@ -28,6 +37,10 @@ class InvoiceSerializer(serializers.ModelSerializer):
             "hosted_invoice_url",
             "invoice_pdf",
         ]
+
+    def get_subscription(self, obj) -> str | None:
+        # The id the invoice names, kept even before its subscription is mirrored.
+        return obj.stripe_subscription_id or None
 
 
 class EntitlementSerializer(serializers.ModelSerializer):

@@ -21,8 +21,9 @@ def link_checkout_to_account(event: Event) -> None:
     into the named one. One account per customer, always.
     """
     snap = read_checkout_session(event.obj)
-    if snap.mode != "subscription" or snap.customer is None or not snap.client_reference_id.isdigit():
-        return
+    reference = snap.client_reference_id
+    if snap.mode != "subscription" or snap.customer is None or not (reference.isascii() and reference.isdigit()):
+        return  # an account's primary key is ASCII digits ("٣".isdigit() is True, and int() reads it)
     target = Account.objects.select_for_update().filter(pk=int(snap.client_reference_id)).first()
     customer_id = snap.customer.customer_id
     if target is None:
@@ -40,7 +41,7 @@ def link_checkout_to_account(event: Event) -> None:
         merge_accounts(source, target)
     target.stripe_customer_id = customer_id
     target.billing_email = target.billing_email or snap.customer.email
-    target._change_reason = f"linked to {customer_id} by {snap.stripe_id}"
+    target._change_reason = f"linked to {customer_id} by {snap.stripe_id}"[:100]  # the history column's width
     target.save(update_fields=["stripe_customer_id", "billing_email", "updated_at"])
 
 

@@ -47,6 +47,7 @@ def mirror_dispute(event: Event) -> tuple[Dispute, bool]:
         "evidence_due_by": snap.evidence_due_by,
         "is_charge_refundable": snap.is_charge_refundable,
         "stripe_created": snap.created,
+        "livemode": event.livemode,
     }
     watermark = {"last_event_created": event.created, "last_event_id": event.id}
     dispute, created = lock_dispute(snap.stripe_id, {**values, **watermark}, reason=event.type)

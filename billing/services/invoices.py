@@ -71,6 +71,7 @@ def mirror_invoice(event: Event) -> MirroredInvoice:
         "line_quantity": line.quantity if line else None,
         "paid_at": snap.paid_at or (event.created if snap.status == Invoice.Status.PAID else None),
         "stripe_created": snap.created,
+        "livemode": event.livemode,
     }
     if invoice is None:
         invoice = Invoice(stripe_id=snap.stripe_id, account=account, **values)

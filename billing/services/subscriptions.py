@@ -18,7 +18,7 @@ from provisioning.models import Entitlement
 from .. import sql
 from ..models import Invoice, OwedEmail, Renewal, StripeEvent, Subscription
 from ..outbox import owe_email
-from ..stripe_payloads import Event, read_subscription
+from ..stripe_payloads import Event, PayloadError, read_subscription
 from . import renewals
 from .locks import lock_account
 from .snapshots import older_than_stored, save_changed, save_snapshot
@@ -41,6 +41,7 @@ def mirror_subscription(event: Event) -> tuple[Subscription, bool]:
         "canceled_at": snap.canceled_at,
         "ended_at": snap.ended_at,
         "stripe_created": snap.created,
+        "livemode": event.livemode,
     }
     sub = sql.subscription(snap.stripe_id)
     if sub is None:
@@ -126,7 +127,10 @@ def period_quantity(stripe_subscription_id: str, period_start: datetime) -> int 
         .values_list("payload", flat=True)
     )
     for payload in payloads:
-        snap = read_subscription(payload["data"]["object"])
+        try:
+            snap = read_subscription(payload["data"]["object"])
+        except PayloadError:
+            continue  # a snapshot of the wrong shape (its event failed): it decides nothing
         if snap.current_period_start == period_start:
             return snap.quantity
     return None

@@ -21,7 +21,17 @@ import factory
 from django.conf import settings
 from factory.django import DjangoModelFactory
 
-from billing.models import Invoice, InvoiceLineItem, OwedEmail, Payment, Refund, Renewal, StripeEvent, Subscription
+from billing.models import (
+    Dispute,
+    Invoice,
+    InvoiceLineItem,
+    OwedEmail,
+    Payment,
+    Refund,
+    Renewal,
+    StripeEvent,
+    Subscription,
+)
 from provisioning.tests.factories import AccountFactory, now, stripe_id_sequence
 
 
@@ -136,6 +146,28 @@ class RefundFactory(DjangoModelFactory):
     amount = 1000
     currency = "usd"
     status = "succeeded"
+
+
+class DisputeFactory(DjangoModelFactory):
+    """A dispute of 20.00 USD that needs a response within a week, about a new payment's charge.
+
+    ``DisputeFactory(payment=payment)``: a dispute of that payment's charge and PaymentIntent.
+    """
+
+    class Meta:
+        model = Dispute
+        exclude = ("payment",)
+
+    payment = factory.SubFactory(PaymentFactory)
+    stripe_id = stripe_id_sequence("dp")
+    charge_id = factory.SelfAttribute("payment.charge_id")
+    payment_intent_id = factory.SelfAttribute("payment.payment_intent_id")
+    amount = 2000
+    currency = "usd"
+    reason = "fraudulent"
+    status = Dispute.Status.NEEDS_RESPONSE
+    evidence_due_by = factory.LazyFunction(lambda: now() + timedelta(days=7))
+    stripe_created = factory.LazyFunction(now)
 
 
 class StripeEventFactory(DjangoModelFactory):

@@ -1,8 +1,11 @@
 """A local HTTP server that answers like Stripe's API, for stripe-python to call for real.
 
 Only the endpoints the app uses: ``GET /v1/events`` (list, newest first, ``created[gte]``,
-``types[]``, ``starting_after``, ``limit``) and ``GET /v1/invoice_payments``
-(``payment[payment_intent]``). Requests are recorded so tests can assert what was asked.
+``types[]``, ``starting_after``, ``limit``), ``GET /v1/invoice_payments``
+(``payment[payment_intent]``), and ``GET /v1/subscriptions/<id>`` / ``GET /v1/invoices/<id>``
+(the objects a test put in ``subscriptions`` / ``invoices``, keyed by id; an unknown id gets
+Stripe's 404 ``resource_missing``). Requests are recorded so tests can assert what was asked.
+Every answer carries ``Request-Id`` and ``Date`` headers, as Stripe's do.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ class FakeStripe:
         self.api_key = api_key
         self.events: list[dict] = []
         self.invoice_payments: list[dict] = []
+        self.subscriptions: dict[str, dict] = {}  # id -> subscription object (billing.simulation.objects)
+        self.invoices: dict[str, dict] = {}  # id -> invoice object
         self.requests: list[tuple[str, dict]] = []
         self.fail_next: int = 0  # answer this many requests with 500 first
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -47,7 +52,7 @@ class FakeStripe:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
-                self.send_header("Request-Id", "req_local")
+                self.send_header("Request-Id", f"req_local{len(fake.requests):06d}")
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -66,11 +71,30 @@ class FakeStripe:
                     pi = (query.get("payment[payment_intent]") or [""])[0]
                     data = [p for p in fake.invoice_payments if p["payment"].get("payment_intent") == pi]
                     return self._send(200, {"object": "list", "data": data, "has_more": False, "url": url.path})
+                for prefix, objects in (("/v1/subscriptions/", fake.subscriptions), ("/v1/invoices/", fake.invoices)):
+                    if url.path.startswith(prefix):
+                        found = objects.get(url.path.removeprefix(prefix))
+                        if found is None:
+                            return self._send(404, fake._missing(url.path.removeprefix(prefix), prefix))
+                        return self._send(200, found)
                 return self._send(
                     404, {"error": {"type": "invalid_request_error", "message": "Unrecognized request URL"}}
                 )
 
         return Handler
+
+    @staticmethod
+    def _missing(stripe_id: str, prefix: str) -> dict:
+        kind = prefix.strip("/").split("/")[-1].removesuffix("s")
+        return {
+            "error": {
+                "code": "resource_missing",
+                "doc_url": "https://stripe.com/docs/error-codes/resource-missing",
+                "message": f"No such {kind}: '{stripe_id}'",
+                "param": "id",
+                "type": "invalid_request_error",
+            }
+        }
 
     def _list_events(self, query: dict, path: str) -> dict:
         events = sorted(self.events, key=lambda e: (e["created"], e["id"]), reverse=True)

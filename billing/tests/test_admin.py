@@ -108,7 +108,7 @@ def test_format_amount(amount, currency, expected):
 
 
 def test_subscription_list_search_and_page(staff_client):
-    wanted = make_subscription("wanted", cancel_at_period_end=True)
+    wanted = make_subscription("wanted", cancel_at_period_end=True, livemode=True)
     other = make_subscription("other")
 
     assert listed(staff_client.get(changelist(Subscription))) == {wanted, other}
@@ -122,7 +122,7 @@ def test_subscription_list_search_and_page(staff_client):
 
 
 def test_invoice_list_search_and_page_shows_money_and_lines(staff_client):
-    wanted = make_invoice("wanted", total=120000, amount_due=120000, currency="jpy")
+    wanted = make_invoice("wanted", total=120000, amount_due=120000, currency="jpy", livemode=True)
     other = make_invoice("other")
     InvoiceLineItemFactory(invoice=wanted, description="5 seats", currency="jpy", amount=120000)
 
@@ -262,7 +262,7 @@ def test_inbox_forbids_add_change_and_delete(staff_client):
     assert b'value="delete_selected"' not in staff_client.get(changelist(StripeEvent)).content
 
 
-def test_reprocess_action_is_offered_only_to_staff_who_may_change_events(staff_client, client):
+def test_reprocess_action_is_offered_only_to_staff_who_may_reprocess_events(staff_client, client):
     make_event("act")
     assert b'value="reprocess"' in staff_client.get(changelist(StripeEvent)).content
 

@@ -448,7 +448,7 @@ def test_dispute_list_shows_money_and_filters_by_status(staff_client, disputed_i
     assert listed(staff_client.get(changelist(), {"reason": "duplicate"})) == {"dp_stranger"}
 
 
-@pytest.mark.parametrize("term", [DP, CH, PI, INV, "DP-0001", CUS, f"  {DP.upper()}  "])
+@pytest.mark.parametrize("term", [DP, CH, PI, INV, "DP-0001", CUS, f"  {DP}  "])
 def test_dispute_search_by_any_stripe_id_it_leads_to(staff_client, disputed_invoice, term):
     assert listed(staff_client.get(changelist(), {"q": term})) == {DP}
 
@@ -476,8 +476,8 @@ def test_dispute_page_links_its_payment_invoice_account_and_dashboard(staff_clie
 
     assert page.status_code == 200
     content = page.content.decode()
-    assert f"https://dashboard.stripe.com/disputes/{DP}" in content
-    assert f"https://dashboard.stripe.com/payments/{CH}" in content
+    assert f"https://dashboard.stripe.com/test/disputes/{DP}" in content  # a test-mode dispute
+    assert f"https://dashboard.stripe.com/test/payments/{CH}" in content
     assert change_page(dispute.payments().get()) in content
     assert change_page(disputed_invoice) in content
     assert change_page(disputed_invoice.account) in content

@@ -51,7 +51,8 @@ __all__ = ["DUPLICATE", "Outcome", "PrerequisiteMissing", "process_event", "rece
 class Outcome:
     event_id: str
     status: str  # processed | ignored | failed | duplicate
-    error: str = ""
+    error: str = ""  # as kept in last_error: a traceback for an unexpected failure
+    reason: str = ""  # an expected failure's message (PayloadError, PrerequisiteMissing): safe to answer
 
     @property
     def http_status(self) -> int:
@@ -117,11 +118,15 @@ def _failed(event: Event, raw_body: str | None, exc: Exception) -> Outcome:
     error = f"{type(exc).__name__}: {exc}" if expected else "".join(traceback.format_exception(exc, limit=8))
     error = error[-MAX_ERROR_CHARS:]
     _record_failure(event, raw_body, error)
-    if expected:
+    if isinstance(exc, PrerequisiteMissing):
+        # Expected when events arrive out of order: no bug, so no traceback. Stripe's retry (or a
+        # re-process) applies the event once the prerequisite has arrived.
+        logger.warning("stripe event %s %s not applied yet, to be retried: %s", event.id, event.type, exc)
+    elif expected:
         logger.warning("stripe event %s %s failed: %s", event.id, event.type, exc)
     else:
         logger.exception("stripe event %s %s failed", event.id, event.type, exc_info=exc)
-    return Outcome(event.id, Status.FAILED, error)
+    return Outcome(event.id, Status.FAILED, error, reason=error if expected else "")
 
 
 def _record_failure(event: Event, raw_body: str | None, error: str) -> None:

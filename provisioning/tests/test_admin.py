@@ -104,7 +104,7 @@ def test_account_page_shows_members_entitlements_and_subscriptions(staff_client)
     content = page.content.decode()
     assert "user-page" in content  # the member, in the memberships inline
     assert "in_page" in content  # the invoice that bought the entitlement, in the entitlements inline
-    assert "https://dashboard.stripe.com/customers/cus_page" in content
+    assert "https://dashboard.stripe.com/test/customers/cus_page" in content  # its subscription is in test mode
     subscription = Subscription.objects.get(stripe_id="sub_page")
     assert reverse("admin:billing_subscription_change", args=[subscription.pk]) in content
     assert "paid, 3 seat(s), until" in content
