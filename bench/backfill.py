@@ -361,11 +361,12 @@ _GENERATE = [
         """
         INSERT INTO billing_subscription (id, stripe_created, last_event_created, last_event_id, created_at,
                updated_at, stripe_id, status, quantity, price_id, current_period_start, current_period_end,
-               trial_start, trial_end, cancel_at_period_end, cancel_at, canceled_at, ended_at, account_id)
+               trial_start, trial_end, cancel_at_period_end, cancel_at, canceled_at, ended_at, account_id,
+               livemode)
         SELECT s, to_timestamp(a), NULL, '', now(), now(), 'sub_bench' || s, 'active', 1 + s % 5, 'price_standard',
                to_timestamp(f + 2 * {period}), to_timestamp(f + 3 * {period}),
                CASE WHEN trial THEN to_timestamp(a) END, CASE WHEN trial THEN to_timestamp(f) END,
-               false, NULL, NULL, NULL, s
+               false, NULL, NULL, NULL, s, false
           FROM ({subs_sql}) AS sub
     """,
     ),

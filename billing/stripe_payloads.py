@@ -230,9 +230,13 @@ class InvoiceSnapshot(NamedTuple):
 
     @property
     def subscription_line(self) -> LineSnapshot | None:
-        """The line whose period is the invoice's service period: the latest regular subscription line."""
-        candidates = [line for line in self.lines if line.is_subscription_period and line.period_start]
-        return max(candidates, key=lambda line: line.period_start) if candidates else None
+        return subscription_line(self.lines)
+
+
+def subscription_line(lines: tuple[LineSnapshot, ...]) -> LineSnapshot | None:
+    """The line whose period is the invoice's service period: the latest regular subscription line."""
+    candidates = [line for line in lines if line.is_subscription_period and line.period_start]
+    return max(candidates, key=lambda line: line.period_start) if candidates else None
 
 
 def _read_line(line: dict, currency: str) -> LineSnapshot:
@@ -269,11 +273,21 @@ def invoice_subscription_id(inv: dict) -> str:
     return reference(inv, "parent.subscription_details.subscription") or reference(inv, "subscription")
 
 
-def read_invoice(inv: dict) -> InvoiceSnapshot:
-    currency = require(inv, "currency", max_length=3).lower()
+def read_invoice_lines(inv: dict, currency: str = "") -> tuple[LineSnapshot, ...]:
+    """The invoice's lines (``currency``: the invoice's, for lines that name none).
+
+    On its own for the renewal backfill, which needs only the service period of stored invoices
+    (``subscription_line``) and reads two million of them: half the time of ``read_invoice``.
+    """
     lines = tuple(_read_line(line, currency) for line in list_data(inv, "lines"))
     if len({line.stripe_id for line in lines}) < len(lines):
         raise PayloadError(f"{name_of(inv)}: lines.data has a line id twice")
+    return lines
+
+
+def read_invoice(inv: dict) -> InvoiceSnapshot:
+    currency = require(inv, "currency", max_length=3).lower()
+    lines = read_invoice_lines(inv, currency)
     return InvoiceSnapshot(
         stripe_id=require(inv, "id"),
         customer=customer_of(inv),
