@@ -117,18 +117,22 @@ class Server:
     config: GunicornConfig
 
     def worker_pids(self) -> list[int]:
-        """The gunicorn workers: the master's children (read from /proc)."""
-        try:
-            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        except OSError:
-            return []
-        return [int(pid) for pid in children]
+        """The gunicorn workers: the master's children."""
+        return children(self.proc.pid)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (read from /proc; none once it is gone)."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def cpu_seconds(pids) -> dict[int, float]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from bench import WEBHOOK_SECRET
 from bench.core import RESULTS, git_state, latency_stats, log, table
 from bench.loadgen import Client, LoadSpec
 from bench.mix import lifecycle_batch
-from bench.server import BIN, ROOT, GunicornConfig, connect, create_database, serve, server_env
+from bench.server import BIN, ROOT, GunicornConfig, children, connect, create_database, serve, server_env, stop
 
 GUNICORN = GunicornConfig(worker_class="gthread", workers=2, threads=4)  # as make bench (bench/__main__.py)
 BROKER = "redis://127.0.0.1:6379/8"
@@ -42,13 +41,6 @@ def rss_kib(pid: int) -> int | None:
     except OSError:
         return None
     return None
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def processes(server, worker) -> dict[str, int]:
@@ -101,7 +93,7 @@ def main(argv=None) -> int:
     from billing.simulation.lifecycles import generate_lifecycles
 
     create_database(log)
-    env = server_env(BENCH_BROKER_URL=BROKER, CELERY_BROKER_URL=BROKER)
+    env = server_env(CELERY_BROKER_URL=BROKER)
     seen: set = set()
     client = Client()
     worker_log = open(RESULTS / "celery-soak.log.tmp", "ab")  # noqa: SIM115 - closed in finally
@@ -146,8 +138,7 @@ def main(argv=None) -> int:
             rss_end = {name: rss_kib(pid) for name, pid in processes(server, worker).items()}
     finally:
         client.close()
-        os.killpg(worker.pid, 15)
-        worker.wait(30)
+        stop(worker)
         worker_log.close()
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

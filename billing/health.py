@@ -23,7 +23,8 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
-from .models import OwedEmail, StripeEvent
+from .models import StripeEvent
+from .tasks import due_for_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,12 @@ def oldest_unprocessed_event_age(now) -> int | None:
 
 
 def overdue_owed_emails(now) -> int:
-    """Owed e-mails still unsent after a whole sweep interval: the sweep should have sent them."""
-    overdue = now - timedelta(seconds=settings.BILLING_OUTBOX_SWEEP_INTERVAL)
-    return OwedEmail.objects.filter(status=OwedEmail.Status.PENDING, created_at__lt=overdue).count()
+    """Owed e-mails due for the sweep a whole sweep interval ago: it should have sent them.
+
+    Due is the sweep's own rule (``billing.tasks.due_for_sweep``), so an e-mail waiting for its
+    recipient or backing off after a failure is not overdue before the sweep would try it.
+    """
+    return due_for_sweep(now - timedelta(seconds=settings.BILLING_OUTBOX_SWEEP_INTERVAL)).count()
 
 
 def status() -> dict:

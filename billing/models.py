@@ -272,10 +272,7 @@ def events_of_customer(customer_id: str) -> models.Q:
         Invoice.objects.filter(account__stripe_customer_id=customer_id).values_list("stripe_id", flat=True)
     )
     payments = Payment.objects.filter(stripe_invoice_id__in=invoice_ids)
-    refund_ids = Refund.objects.filter(
-        models.Q(payment_intent_id__in=payments.values("payment_intent_id"))
-        | models.Q(charge_id__in=payments.exclude(charge_id="").values("charge_id"))
-    ).values_list("stripe_id", flat=True)
+    refund_ids = Refund.objects.of_payments(payments).values_list("stripe_id", flat=True)
     dispute_ids = Dispute.objects.of_payments(payments).values_list("stripe_id", flat=True)
     object_ids = [customer_id, *refund_ids, *dispute_ids]
     return models.Q(object_id__in=object_ids) | models.Q(In(event_owner(), [customer_id, *invoice_ids]))
@@ -359,6 +356,32 @@ class Payment(models.Model):
         return self.payment_intent_id
 
 
+class OfPaymentQuerySet(models.QuerySet):
+    """Refunds or disputes, which name a payment by its PaymentIntent or its charge.
+
+    A refund or dispute belongs to a payment when it names the payment's PaymentIntent or its
+    (non-empty) charge: the one rule, read forwards (``of_payments``) and backwards (``payments``).
+    """
+
+    def of_payments(self, payments: models.QuerySet) -> "OfPaymentQuerySet":
+        """The rows of the PaymentIntents or charges of ``payments`` (a ``Payment`` queryset)."""
+        return self.filter(
+            models.Q(payment_intent_id__in=payments.values("payment_intent_id"))
+            | models.Q(charge_id__in=payments.exclude(charge_id="").values("charge_id"))
+        )
+
+    def payments(self) -> models.QuerySet:
+        """The payments these rows are about: the rule of ``of_payments``, read backwards."""
+        return Payment.objects.filter(
+            models.Q(payment_intent_id__in=self.exclude(payment_intent_id="").values("payment_intent_id"))
+            | models.Q(charge_id__in=self.exclude(charge_id="").values("charge_id"))
+        )
+
+
+class RefundQuerySet(OfPaymentQuerySet):
+    """Refunds, found through their payment as disputes are (``OfPaymentQuerySet``)."""
+
+
 class Refund(models.Model):
     """Mirror of a Stripe refund (https://docs.stripe.com/api/refunds/object)."""
 
@@ -373,13 +396,14 @@ class Refund(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = RefundQuerySet.as_manager()
     history = HistoricalRecords()
 
     def __str__(self):
         return self.stripe_id
 
 
-class DisputeQuerySet(models.QuerySet):
+class DisputeQuerySet(OfPaymentQuerySet):
     """Disputes reached through their payment, resolved when asked (docs/decisions/0006-disputes.rst).
 
     A dispute names its charge and PaymentIntent only. Which invoice that payment paid is what
@@ -388,26 +412,12 @@ class DisputeQuerySet(models.QuerySet):
     invoice arrives after the dispute.
     """
 
-    def of_payments(self, payments: models.QuerySet) -> "DisputeQuerySet":
-        """Disputes of the PaymentIntents or charges of ``payments`` (a ``Payment`` queryset)."""
-        return self.filter(
-            models.Q(payment_intent_id__in=payments.values("payment_intent_id"))
-            | models.Q(charge_id__in=payments.exclude(charge_id="").values("charge_id"))
-        )
-
     def for_invoice(self, invoice: Invoice) -> "DisputeQuerySet":
         return self.of_payments(Payment.objects.filter(stripe_invoice_id=invoice.stripe_id))
 
     def for_account(self, account: Account) -> "DisputeQuerySet":
         invoice_ids = Invoice.objects.filter(account=account).values("stripe_id")
         return self.of_payments(Payment.objects.filter(stripe_invoice_id__in=invoice_ids))
-
-    def payments(self) -> models.QuerySet:
-        """The payments these disputes are about: the rule of ``of_payments``, read backwards."""
-        return Payment.objects.filter(
-            models.Q(payment_intent_id__in=self.exclude(payment_intent_id="").values("payment_intent_id"))
-            | models.Q(charge_id__in=self.exclude(charge_id="").values("charge_id"))
-        )
 
 
 class Dispute(MirrorFields):
@@ -468,7 +478,7 @@ class Dispute(MirrorFields):
         return self.stripe_id
 
     def payments(self) -> models.QuerySet:
-        """The payments of this dispute's PaymentIntent or charge (``DisputeQuerySet.payments``)."""
+        """The payments of this dispute's PaymentIntent or charge (``OfPaymentQuerySet.payments``)."""
         return Dispute.objects.filter(pk=self.pk).payments()
 
     def invoices(self) -> models.QuerySet:

@@ -36,8 +36,9 @@ from django.db import transaction
 from django.db.models import Q
 
 from . import sql
-from .emails import NoRecipient
+from .emails import invoice_label
 from .models import Invoice, OwedEmail
+from .tasks import WAITING_FOR_RECIPIENT
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def send_emails_waiting_for_a_recipient(account) -> int:
     failed at the mail server keeps its backoff. The number of e-mails made due.
     """
     waiting = OwedEmail.objects.filter(account=account, status=OwedEmail.Status.PENDING).filter(
-        Q(last_error__startswith=NoRecipient.__name__) | Q(attempts=0)
+        Q(last_error__startswith=WAITING_FOR_RECIPIENT) | Q(attempts=0)
     )
     ids = list(waiting.values_list("pk", flat=True))
     for owed_id in ids:
@@ -109,14 +110,12 @@ def resend_receipt(invoice: Invoice, *, requested_by) -> OwedEmail:
     at the same moment (a double click) compute the same key: the second is refused.
     """
     if invoice.status != Invoice.Status.PAID or invoice.total <= 0:
-        raise ReceiptNotResent(
-            f"Invoice {invoice.number or invoice.stripe_id} is not a paid invoice: it has no receipt."
-        )
+        raise ReceiptNotResent(f"Invoice {invoice_label(invoice)} is not a paid invoice: it has no receipt.")
     receipts = OwedEmail.objects.filter(invoice=invoice, kind=OwedEmail.Kind.RECEIPT)
     waiting = receipts.filter(status=OwedEmail.Status.PENDING).first()
     if waiting is not None:
         raise ReceiptNotResent(
-            f"A receipt of invoice {invoice.number or invoice.stripe_id} is still waiting to be sent "
+            f"A receipt of invoice {invoice_label(invoice)} is still waiting to be sent "
             f"(owed e-mail {waiting.pk}): use Send now on it instead."
         )
     prefix = f"receipt:{invoice.stripe_id}:resend:"
@@ -131,7 +130,7 @@ def resend_receipt(invoice: Invoice, *, requested_by) -> OwedEmail:
         )
     if owed is None:
         raise ReceiptNotResent(
-            f"Someone asked to resend the receipt of invoice {invoice.number or invoice.stripe_id} at the same "
+            f"Someone asked to resend the receipt of invoice {invoice_label(invoice)} at the same "
             "moment: that copy is on its way, and no second one was owed."
         )
     return owed

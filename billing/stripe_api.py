@@ -17,7 +17,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils import timezone
 
-from .stripe_payloads import object_id
+from .stripe_fields import reference
 
 
 def client() -> stripe.StripeClient:
@@ -54,7 +54,7 @@ def invoice_for_payment_intent(payment_intent_id: str) -> str | None:
         {"payment": {"type": "payment_intent", "payment_intent": payment_intent_id}, "limit": 1}
     )
     for payment in page.data:
-        return object_id(payment.to_dict().get("invoice")) or None
+        return reference(payment.to_dict(), "invoice") or None
     return None
 
 

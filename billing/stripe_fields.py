@@ -153,16 +153,6 @@ def flag(obj: dict, path: str) -> bool:
     return value
 
 
-def mapping(obj: dict, path: str) -> dict:
-    """A nested object ({} if absent)."""
-    value = _field(obj, path) if "." in path else obj.get(path)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _wrong(obj, path, value, "an object")
-    return value
-
-
 def list_data(obj: dict, path: str) -> list[dict]:
     """The objects of the list object at ``path`` (``{"object": "list", "data": [...]}``)."""
     data = _field(obj, f"{path}.data")

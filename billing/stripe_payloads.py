@@ -52,16 +52,6 @@ def ts(value: Any) -> datetime | None:
     return datetime.fromtimestamp(int(value), UTC)  # positional tz: measurably cheaper than tz=
 
 
-def object_id(value: Any) -> str:
-    """The id of an expandable field, whether Stripe sent the id or the expanded object; for
-    trusted values (Stripe's API responses). Payloads are read with ``reference``."""
-    if value is None:
-        return ""
-    if isinstance(value, dict):
-        return value.get("id") or ""
-    return str(value)
-
-
 # --- Events --------------------------------------------------------------------------------
 
 

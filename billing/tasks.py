@@ -66,6 +66,8 @@ RETRY_BASE = timedelta(minutes=1)
 RETRY_CAP = timedelta(minutes=10)
 # Rows handed out by one sweep pass; the next pass takes the rest.
 SWEEP_BATCH = 500
+# How the ``last_error`` of an e-mail waiting for its recipient starts (``_record_wait``).
+WAITING_FOR_RECIPIENT = NoRecipient.__name__
 MAX_ERROR_CHARS = 2000
 # What a mail backend raises when the mail server is unreachable or refuses. SMTPException and
 # ConnectionError are OSErrors; they are named for the reader.
@@ -111,7 +113,7 @@ def deliver(owed_id: int) -> Delivery:
             return Delivery(Outcome.SKIPPED)
         try:
             message = build_message(owed)
-            if owed.last_error.startswith(NoRecipient.__name__):
+            if owed.last_error.startswith(WAITING_FOR_RECIPIENT):
                 owed.attempts = 0  # its wait is over
             message.send()
         except NoRecipient as exc:

@@ -27,13 +27,5 @@ queries for 3 rows as for 30 (see tests/test_admin.py).
 """
 
 from . import accounts, disputes, inbox, invoices, outbox, payments, site, subscriptions  # noqa: F401  (registers)
-from .base import (  # noqa: F401  (the building blocks, for admin modules of other apps built on billing)
-    ReadOnlyInline,
-    StripeMirrorAdmin,
-    WebhookOwnedAdminMixin,
-    admin_link,
-    money_display,
-    stripe_dashboard_link,
-)
 
 site.check_every_list()  # last: after every app's admin, and billing's own, is registered

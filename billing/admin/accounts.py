@@ -20,8 +20,9 @@ from provisioning.models import Account, Entitlement
 from provisioning.selectors import with_current_entitlement
 
 from ..models import Dispute, Invoice, Renewal, StripeEvent, events_of_customer
-from .base import StripeMirrorAdmin, WebhookOwnedAdminMixin, admin_link, changelist_url, table
-from .display import money, when, when_display
+from ..money import format_amount
+from .base import StripeMirrorAdmin, WebhookOwnedAdminMixin
+from .display import account_display, admin_link, changelist_url, table, when, when_display
 from .disputes import disputes_table
 
 # Rows of each kind shown on the account's page; the link under a table lists them all.
@@ -94,7 +95,7 @@ class AccountAdmin(StripeMirrorAdmin):
             if mode is not None:
                 return mode
         if account.stripe_customer_id:
-            events = StripeEvent.objects.filter(events_of_customer(account.stripe_customer_id))
+            events = customer_events(account)
             mode = events.order_by("-created").values_list("livemode", flat=True).first()
             if mode is not None:
                 return mode
@@ -105,7 +106,7 @@ class AccountAdmin(StripeMirrorAdmin):
         """All of the customer's events in the inbox, not only those about the customer object."""
         if not account.stripe_customer_id:
             return None
-        count = StripeEvent.objects.of_customer(account.stripe_customer_id).count()
+        count = customer_events(account).count()
         url = changelist_url(StripeEvent, q=account.stripe_customer_id)
         return format_html('<a href="{}">{} event{} of this customer</a>', url, count, "" if count == 1 else "s")
 
@@ -156,10 +157,10 @@ class AccountAdmin(StripeMirrorAdmin):
         invoices = account.invoices.order_by("-stripe_created", "-pk")
         rows = [
             (
-                admin_link(invoice, invoice.number or invoice.stripe_id),
+                admin_link(invoice),
                 invoice.stripe_id,
                 invoice.get_status_display(),
-                money(invoice.total, invoice.currency),
+                format_amount(invoice.total, invoice.currency),
                 when(invoice.paid_at),
             )
             for invoice in invoices[:SHOWN]
@@ -200,7 +201,7 @@ class AccountAdmin(StripeMirrorAdmin):
         """The customer's latest events (``StripeEvent.objects.of_customer``), newest first."""
         if not account.stripe_customer_id:
             return None
-        events = StripeEvent.objects.of_customer(account.stripe_customer_id)
+        events = customer_events(account)
         rows = [
             (admin_link(event, event.id), event.type, event.get_status_display(), when(event.created))
             for event in events.only("id", "type", "status", "created").order_by("-created", "-received_at")[:SHOWN]
@@ -209,6 +210,18 @@ class AccountAdmin(StripeMirrorAdmin):
         return table(
             "account-events", ("event", "type", "status", "created"), rows, total=events.count(), all_url=all_url
         )
+
+
+def customer_events(account):
+    """``StripeEvent.objects.of_customer`` for the account's customer, its condition read once per
+    page: the account page shows the customer's events three times (its mode, the count, the
+    recent ones), and reading the condition costs a few queries (``events_of_customer``)."""
+    customer_id = account.stripe_customer_id
+    cached = getattr(account, "_customer_events_condition", None)
+    if cached is None or cached[0] != customer_id:
+        cached = (customer_id, events_of_customer(customer_id))
+        account._customer_events_condition = cached
+    return StripeEvent.objects.filter(cached[1])
 
 
 @admin.register(Entitlement)
@@ -227,9 +240,7 @@ class EntitlementAdmin(WebhookOwnedAdminMixin, SimpleHistoryAdmin):
     invoice_id_field = "stripe_invoice_id"
     date_hierarchy = "starts_at"
 
-    @admin.display(description="account", ordering="account__name")
-    def account_link(self, entitlement):
-        return admin_link(entitlement.account, entitlement.account.name)
+    account_link = account_display()
 
     starts = when_display("starts_at", "starts")
     expires = when_display("expires_at", "expires")

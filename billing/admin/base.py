@@ -18,21 +18,9 @@ from simple_history.admin import SimpleHistoryAdmin
 
 from ..models import StripeEvent
 from .actions import SupportActionsMixin
-from .display import admin_link, changelist_url, money_display, stripe_dashboard_link, table
+from .display import changelist_url, stripe_dashboard_link
 from .lists import CheckedListMixin
 from .search import StripeIdSearchMixin
-
-__all__ = [
-    "BillingAdminMixin",
-    "ReadOnlyInline",
-    "StripeMirrorAdmin",
-    "WebhookOwnedAdminMixin",
-    "admin_link",
-    "changelist_url",
-    "money_display",
-    "stripe_dashboard_link",
-    "table",
-]
 
 # How a mirrored row was last synced: shown after what Stripe says about the object.
 SYNC_FIELDS = (

@@ -54,19 +54,30 @@ def nowrap(text):
     return format_html('<span class="nowrap">{}</span>', text)
 
 
-def money(amount: int, currency: str) -> str:
-    """``"12.34 USD"``: an amount in the currency's minor unit, with its currency."""
-    return format_amount(amount, currency)
-
-
 def money_display(field: str, description: str | None = None):
     """An admin column showing the amount ``field`` with the row's currency ("12.34 USD"), on one line."""
 
     @admin.display(description=description or field.replace("_", " "), ordering=field)
     def display(self, obj):
-        return nowrap(money(getattr(obj, field), obj.currency))
+        return nowrap(format_amount(getattr(obj, field), obj.currency))
 
     return display
+
+
+def account_display():
+    """An admin column linking to the row's account by its name, ordered by that name."""
+
+    @admin.display(description="account", ordering="account__name")
+    def display(self, obj):
+        return admin_link(obj.account, obj.account.name)
+
+    return display
+
+
+def last_line(text: str, default: str = "") -> str:
+    """The last line of an error as stored (a traceback ends with its exception), or ``default``."""
+    text = text.strip()
+    return text.splitlines()[-1] if text else default
 
 
 def when(value) -> str:

@@ -11,15 +11,22 @@ from django.db.models import Q
 from django.utils.html import format_html_join
 
 from ..models import Dispute, Invoice, Payment
-from .base import SYNC_FIELDS, StripeMirrorAdmin, admin_link, money_display, stripe_dashboard_link, table
-from .display import money, when, when_display
+from ..money import format_amount
+from .base import SYNC_FIELDS, StripeMirrorAdmin
+from .display import admin_link, money_display, stripe_dashboard_link, table, when, when_display
 from .search import stripe_id_kind
 
 
 def disputes_table(disputes):
     """A read-only table of ``disputes``, each linked to its admin page; None when there are none."""
     rows = [
-        (admin_link(d), money(d.amount, d.currency), d.get_status_display(), d.reason or "-", when(d.evidence_due_by))
+        (
+            admin_link(d),
+            format_amount(d.amount, d.currency),
+            d.get_status_display(),
+            d.reason or "-",
+            when(d.evidence_due_by),
+        )
         for d in disputes
     ]
     return table("disputes", ("dispute", "amount", "status", "reason", "evidence due by"), rows)
@@ -76,11 +83,17 @@ class DisputeAdmin(StripeMirrorAdmin):
 
     @admin.display(description="invoices")
     def invoices(self, dispute):
-        return _links(dispute.invoices())
+        return _links(self._invoices(dispute))
 
     @admin.display(description="accounts")
     def accounts(self, dispute):
-        return _links({invoice.account for invoice in dispute.invoices()})
+        return _links({invoice.account for invoice in self._invoices(dispute)})
+
+    def _invoices(self, dispute):
+        """``dispute.invoices()``, read once per page (the invoices and accounts fields show them)."""
+        if not hasattr(dispute, "_invoices_shown"):
+            dispute._invoices_shown = list(dispute.invoices())
+        return dispute._invoices_shown
 
 
 def _of_invoices(invoices) -> Q:

@@ -11,8 +11,8 @@ from provisioning.models import Account
 
 from ..models import Dispute, Invoice, Payment, Refund, StripeEvent, Subscription, events_about, events_of_customer
 from .actions import support_action
-from .base import WebhookOwnedAdminMixin, admin_link, stripe_dashboard_link
-from .display import when_display
+from .base import WebhookOwnedAdminMixin
+from .display import admin_link, last_line, stripe_dashboard_link, when_display
 
 # Where an event's object may be mirrored: (model, the field holding the Stripe id).
 EVENT_OBJECT_ROWS = (
@@ -94,7 +94,7 @@ class StripeEventAdmin(WebhookOwnedAdminMixin, admin.ModelAdmin):
     def support_action_note(self, name, event):
         if event.status == StripeEvent.Status.PROCESSED:
             return "already processed: it will be left alone (an event is applied once)"
-        last_error = event.last_error.strip().splitlines()[-1] if event.last_error.strip() else ""
+        last_error = last_line(event.last_error)
         return f"{event.attempts} attempt(s) so far" + (f"; last error: {last_error}" if last_error else "")
 
     @support_action(
@@ -114,8 +114,7 @@ class StripeEventAdmin(WebhookOwnedAdminMixin, admin.ModelAdmin):
         if outcome.status == DUPLICATE:
             return messages.INFO, f"Event {event.pk} was already processed: nothing was applied again."
         if outcome.status == StripeEvent.Status.FAILED:
-            last_line = outcome.error.strip().splitlines()[-1] if outcome.error.strip() else "unknown error"
-            return messages.ERROR, f"Event {event.pk} failed again: {last_line}"
+            return messages.ERROR, f"Event {event.pk} failed again: {last_line(outcome.error, 'unknown error')}"
         if outcome.status == StripeEvent.Status.IGNORED:
             return messages.WARNING, f"Event {event.pk} has no handler ({event.type}): it is marked ignored."
         return messages.SUCCESS, f"Event {event.pk} ({event.type}) was re-processed: it is now processed."

@@ -1,15 +1,24 @@
 """Invoices: their lines, the payments that paid them, their refunds and disputes; re-sync, resend."""
 
 from django.contrib import admin, messages
-from django.db.models import Q
 
+from ..emails import invoice_label
 from ..models import Dispute, Invoice, InvoiceLineItem, OwedEmail, Refund
 from ..money import format_amount
 from ..outbox import ReceiptNotResent, resend_receipt
 from ..services.resync import ResyncFailed, resync_invoice
 from .actions import resync_message, support_action
-from .base import SYNC_FIELDS, ReadOnlyInline, StripeMirrorAdmin, admin_link, money_display, stripe_dashboard_link
-from .display import money, table, when, when_display
+from .base import SYNC_FIELDS, ReadOnlyInline, StripeMirrorAdmin
+from .display import (
+    account_display,
+    admin_link,
+    last_line,
+    money_display,
+    stripe_dashboard_link,
+    table,
+    when,
+    when_display,
+)
 from .disputes import disputes_table
 
 
@@ -67,9 +76,7 @@ class InvoiceAdmin(StripeMirrorAdmin):
     amount_remaining_display = money_display("amount_remaining", "amount remaining")
     amount_refunded_display = money_display("amount_refunded", "amount refunded")
 
-    @admin.display(description="account", ordering="account__name")
-    def account_link(self, invoice):
-        return admin_link(invoice.account, invoice.account.name)
+    account_link = account_display()
 
     @admin.display(description="payments")
     def payments_table(self, invoice):
@@ -78,7 +85,7 @@ class InvoiceAdmin(StripeMirrorAdmin):
             (
                 admin_link(payment),
                 stripe_dashboard_link("payments", payment.charge_id, payment.livemode),
-                money(payment.charge_amount_refunded, payment.currency or invoice.currency),
+                format_amount(payment.charge_amount_refunded, payment.currency or invoice.currency),
                 when(payment.created_at),
             )
             for payment in invoice.payments.order_by("created_at", "pk")
@@ -87,13 +94,9 @@ class InvoiceAdmin(StripeMirrorAdmin):
 
     @admin.display(description="refunds")
     def refunds_table(self, invoice):
-        payments = invoice.payments.all()
-        refunds = Refund.objects.filter(
-            Q(payment_intent_id__in=payments.values("payment_intent_id"))
-            | Q(charge_id__in=payments.exclude(charge_id="").values("charge_id"))
-        ).order_by("created_at", "pk")
+        refunds = Refund.objects.of_payments(invoice.payments.all()).order_by("created_at", "pk")
         rows = [
-            (admin_link(refund), money(refund.amount, refund.currency), refund.status, when(refund.created_at))
+            (admin_link(refund), format_amount(refund.amount, refund.currency), refund.status, when(refund.created_at))
             for refund in refunds
         ]
         return table("invoice-refunds", ("refund", "amount", "status", "recorded"), rows)
@@ -151,7 +154,7 @@ class InvoiceAdmin(StripeMirrorAdmin):
         max_rows=20,
     )
     def resend_receipt(self, request, invoice):
-        label = invoice.number or invoice.stripe_id
+        label = invoice_label(invoice)
         try:
             owed = resend_receipt(invoice, requested_by=request.user)
         except ReceiptNotResent as exc:
@@ -162,7 +165,7 @@ class InvoiceAdmin(StripeMirrorAdmin):
         if owed.last_error:
             return (
                 messages.WARNING,
-                f"The receipt of invoice {label} could not be sent yet ({owed.last_error.splitlines()[-1]}); "
+                f"The receipt of invoice {label} could not be sent yet ({last_line(owed.last_error)}); "
                 f"owed e-mail {owed.pk} is retried automatically.",
             )
         return messages.SUCCESS, f"A new copy of the receipt of invoice {label} is queued (owed e-mail {owed.pk})."

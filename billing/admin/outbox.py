@@ -4,8 +4,8 @@ from django.contrib import admin, messages
 
 from ..models import OwedEmail
 from .actions import support_action
-from .base import WebhookOwnedAdminMixin, admin_link
-from .display import when_display
+from .base import WebhookOwnedAdminMixin
+from .display import account_display, last_line, when_display
 
 
 @admin.register(OwedEmail)
@@ -28,9 +28,7 @@ class OwedEmailAdmin(WebhookOwnedAdminMixin, admin.ModelAdmin):
     invoice_id_field = "invoice__stripe_id"
     support_actions = ("send_now",)
 
-    @admin.display(description="account", ordering="account__name")
-    def account_link(self, owed):
-        return admin_link(owed.account, owed.account.name)
+    account_link = account_display()
 
     sent = when_display("sent_at", "sent")
 
@@ -63,7 +61,7 @@ class OwedEmailAdmin(WebhookOwnedAdminMixin, admin.ModelAdmin):
         if delivery.outcome == Outcome.SKIPPED:
             return messages.INFO, f"E-mail {owed.key} is being sent by another worker right now: nothing more was sent."
         owed.refresh_from_db()
-        error = owed.last_error.strip().splitlines()[-1] if owed.last_error.strip() else "unknown error"
+        error = last_line(owed.last_error, "unknown error")
         return (
             messages.ERROR,
             f"E-mail {owed.key} could not be sent ({error}); it is {owed.get_status_display().lower()}.",

@@ -4,8 +4,8 @@ from django.contrib import admin
 from django.db.models import Q
 
 from ..models import Payment, Refund
-from .base import StripeMirrorAdmin, admin_link, money_display
-from .display import when_display
+from .base import StripeMirrorAdmin
+from .display import admin_link, money_display, when_display
 
 
 @admin.register(Payment)
@@ -56,6 +56,4 @@ class RefundAdmin(StripeMirrorAdmin):
 
 
 def _refunds_of(payments) -> Q:
-    return Q(payment_intent_id__in=payments.values("payment_intent_id")) | Q(
-        charge_id__in=payments.exclude(charge_id="").values("charge_id")
-    )
+    return Q(pk__in=Refund.objects.of_payments(payments).values("pk"))

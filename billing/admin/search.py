@@ -9,8 +9,7 @@ A list declares, in its admin:
 
 * ``stripe_id_fields``: kind -> the fields holding such ids (``{"cus": ("stripe_customer_id",)}``);
 * ``invoice_id_field``: the path to the row's invoice id, if it has one. A payment, charge,
-  refund or dispute id then finds the rows of the invoice it paid (through ``Payment``);
-* ``customer_id_field``: the path to the row's customer id, if it has one.
+  refund or dispute id then finds the rows of the invoice it paid (through ``Payment``).
 
 An event id finds what the event is about: the rows of its object, and (where the list has no
 row of that object's kind) those of the customer or invoice it belongs to
@@ -42,11 +41,7 @@ def invoice_ids_paid_by(kind: str, stripe_id: str):
     if kind == "dp":
         payments = Dispute.objects.filter(stripe_id=stripe_id).payments()
     elif kind == "re":
-        refunds = Refund.objects.filter(stripe_id=stripe_id)
-        payments = Payment.objects.filter(
-            Q(payment_intent_id__in=refunds.exclude(payment_intent_id="").values("payment_intent_id"))
-            | Q(charge_id__in=refunds.exclude(charge_id="").values("charge_id"))
-        )
+        payments = Refund.objects.filter(stripe_id=stripe_id).payments()
     else:  # pi, ch
         payments = Payment.objects.filter(Q(payment_intent_id=stripe_id) | Q(charge_id=stripe_id))
     return payments.exclude(stripe_invoice_id="").values("stripe_invoice_id")
@@ -57,7 +52,6 @@ class StripeIdSearchMixin:
 
     stripe_id_fields: dict[str, tuple[str, ...]] = {}
     invoice_id_field: str | None = None
-    customer_id_field: str | None = None
     search_help_text = "A name, an e-mail, or any Stripe id (cus_, sub_, in_, pi_, ch_, re_, dp_, evt_)."
 
     def get_search_results(self, request, queryset, search_term):
@@ -74,8 +68,6 @@ class StripeIdSearchMixin:
         """The rows a ``kind`` id finds on this list, or None if the list knows no such id."""
         if kind in self.stripe_id_fields:
             return _any_equal(self.stripe_id_fields[kind], stripe_id)
-        if kind == "cus" and self.customer_id_field:
-            return Q(**{self.customer_id_field: stripe_id})
         if kind == "in" and self.invoice_id_field:
             return Q(**{self.invoice_id_field: stripe_id})
         if kind in PAYMENT_SIDE_KINDS and self.invoice_id_field:

@@ -7,8 +7,8 @@ from simple_history.admin import SimpleHistoryAdmin
 from ..models import Invoice, Renewal, Subscription
 from ..services.resync import ResyncFailed, resync_subscription
 from .actions import resync_message, support_action
-from .base import ReadOnlyInline, StripeMirrorAdmin, WebhookOwnedAdminMixin, admin_link, money_display
-from .display import when_display
+from .base import ReadOnlyInline, StripeMirrorAdmin, WebhookOwnedAdminMixin
+from .display import account_display, admin_link, money_display, when_display
 
 
 class RenewalInline(ReadOnlyInline):
@@ -38,9 +38,7 @@ class SubscriptionAdmin(StripeMirrorAdmin):
     inlines = (RenewalInline, SubscriptionInvoiceInline)
     support_actions = ("resync",)
 
-    @admin.display(description="account", ordering="account__name")
-    def account_link(self, subscription):
-        return admin_link(subscription.account, subscription.account.name)
+    account_link = account_display()
 
     period_end = when_display("current_period_end", "period ends")
 

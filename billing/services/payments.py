@@ -13,7 +13,6 @@ payment with the invoice it pays, whichever arrives first.
 from __future__ import annotations
 
 from django.conf import settings
-from django.db.models import Q
 
 from ..models import Invoice, Payment, Refund
 from ..outbox import run_after_commit
@@ -106,10 +105,8 @@ def recompute_refunded(payment: Payment) -> None:
         return
     invoice = Invoice.objects.select_for_update().get(pk=payment.invoice_id)
     payments = list(Payment.objects.filter(invoice=invoice))
-    refunds = Refund.objects.filter(
-        Q(payment_intent_id__in=[p.payment_intent_id for p in payments])
-        | Q(charge_id__in=[p.charge_id for p in payments if p.charge_id]),
-        status__in=COUNTED_REFUND_STATUSES,
+    refunds = Refund.objects.of_payments(Payment.objects.filter(invoice=invoice)).filter(
+        status__in=COUNTED_REFUND_STATUSES
     )
     refunds = list(refunds.values_list("payment_intent_id", "charge_id", "amount"))
     total = 0

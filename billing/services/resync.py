@@ -52,7 +52,8 @@ from .subscriptions import mirror_subscription
 
 REASON = "re-synced from Stripe"
 # Bookkeeping that moves on every re-sync; a change of these is no news to support.
-_BOOKKEEPING = {"last_event_created", "last_event_id", "updated_at", "created_at"}
+# (``created_at`` and ``updated_at`` are not editable: ``model_to_dict`` leaves them out.)
+_BOOKKEEPING = {"last_event_created", "last_event_id"}
 
 
 class ResyncFailed(Exception):

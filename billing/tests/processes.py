@@ -38,7 +38,7 @@ from urllib.parse import urlunsplit
 
 from django.core.mail.backends.filebased import EmailBackend as FileBackend
 
-from bench.server import BIN, ROOT, GunicornConfig, Server, free_port, serve, server_env, stop
+from bench.server import BIN, ROOT, GunicornConfig, Server, children, free_port, serve, server_env, stop
 from billing.emails import build_message
 from billing.simulation.delivery import DeliveryReport, arrange, deliver
 from billing.simulation.lifecycles import generate_lifecycles
@@ -117,10 +117,8 @@ class CeleryWorker:
         return self.log_path.read_text(errors="replace")
 
     def pool_pids(self) -> list[int]:
-        try:
-            return [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
-        except OSError:
-            return []
+        """The prefork pool's processes: the worker's children."""
+        return children(self.proc.pid)
 
 
 @contextmanager
@@ -474,16 +472,22 @@ def observed(fault: str, **facts) -> None:
 # --- Waiting ---------------------------------------------------------------------------------
 
 
-def wait_until(condition, timeout: float, *, proc: subprocess.Popen | None = None, what=lambda: "") -> None:
+def wait_until(condition, timeout: float = 20.0, *, proc: subprocess.Popen | None = None, what=lambda: "") -> bool:
+    """Poll ``condition`` until it holds (then ``True``, so ``assert wait_until(...)`` reads right).
+
+    Raises ``AssertionError`` (with the tail of ``what()``) when ``timeout`` seconds pass first,
+    or when ``proc`` exits meanwhile.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
-            return
+            return True
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"process exited ({proc.returncode}):\n{what()[-3000:]}")
         time.sleep(0.1)
     if not condition():
         raise AssertionError(f"not so after {timeout}s:\n{what()[-3000:]}")
+    return True
 
 
 def kill(pid: int) -> None:

@@ -16,8 +16,10 @@ import time
 from dataclasses import dataclass
 
 from django.apps import apps
+from django.contrib.admin.utils import quote
 from django.contrib.auth.models import Group
 from django.db import connection
+from django.urls import reverse
 
 from billing.models import Invoice, OwedEmail, StripeEvent
 from billing.simulation.objects import event_object, invoice_payment_object
@@ -61,6 +63,16 @@ def support_user(**fields):
     user = UserFactory(staff=True, **fields)
     user.groups.add(support_group())
     return user
+
+
+def changelist(model) -> str:
+    """The admin list of ``model``."""
+    return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist")
+
+
+def change_page(obj) -> str:
+    """The admin page of ``obj`` (its primary key quoted as the admin quotes it: Stripe ids may hold ``_``)."""
+    return reverse(f"admin:{obj._meta.app_label}_{obj._meta.model_name}_change", args=[quote(obj.pk)])
 
 
 def deliver_story(client) -> Story:

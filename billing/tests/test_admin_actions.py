@@ -17,51 +17,16 @@ from django.urls import reverse
 
 from billing.models import Invoice, OwedEmail, StripeEvent, Subscription
 from billing.simulation.objects import invoice_line_object, invoice_object, subscription_object
-from billing.tests.conftest import deliver, first_invoice_paid_event
+from billing.tests.conftest import DAY, deliver, first_invoice_paid_event
 from billing.tests.factories import InvoiceFactory, OwedEmailFactory
-from billing.tests.stripe_server import FakeStripe
-from billing.tests.support_story import START, Story, deliver_story, support_user
+from billing.tests.support_story import START, change_page, changelist
 from provisioning.tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
 
-DAY = 24 * 3600
-
-
-@pytest.fixture
-def story(client, webhook_settings) -> Story:
-    return deliver_story(client)
-
-
-@pytest.fixture
-def support_member():
-    return support_user()
-
-
-@pytest.fixture
-def support(client, support_member):
-    client.force_login(support_member)
-    return client
-
-
-@pytest.fixture
-def fake_stripe(settings):
-    with FakeStripe() as server:
-        settings.STRIPE_API_KEY = server.api_key
-        settings.STRIPE_API_BASE = server.url
-        yield server
-
-
-def change_page(obj):
-    return reverse(f"admin:{obj._meta.app_label}_{obj._meta.model_name}_change", args=[quote(obj.pk)])
-
 
 def action_page(obj, name):
     return reverse(f"admin:{obj._meta.app_label}_{obj._meta.model_name}_{name}", args=[quote(obj.pk)])
-
-
-def changelist(model):
-    return reverse(f"admin:billing_{model._meta.model_name}_changelist")
 
 
 def messages_of(response) -> list[str]:

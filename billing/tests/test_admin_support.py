@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 from django.contrib import admin
-from django.contrib.admin.utils import quote
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
@@ -18,7 +17,7 @@ from billing.simulation.objects import event_object, invoice_payment_object
 from billing.simulation.payment_objects import dispute_object, refund_object
 from billing.tests.conftest import DAY, T0, active_subscription, deliver, first_invoice_paid_event, subscription_event
 from billing.tests.factories import InvoiceFactory, PaymentFactory, SubscriptionFactory
-from billing.tests.support_story import Story, deliver_story, support_group, support_user
+from billing.tests.support_story import change_page, changelist, support_group
 from provisioning.models import Account, Entitlement
 from provisioning.tests.factories import AccountFactory, UserFactory
 
@@ -48,25 +47,6 @@ SUPPORT_PERMISSIONS = {
     "provisioning.delete_membership",
     "auth.view_user",
 }
-
-
-@pytest.fixture
-def story(client, webhook_settings) -> Story:
-    return deliver_story(client)
-
-
-@pytest.fixture
-def support(client):
-    client.force_login(support_user())
-    return client
-
-
-def changelist(model):
-    return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist")
-
-
-def change_page(obj):
-    return reverse(f"admin:{obj._meta.app_label}_{obj._meta.model_name}_change", args=[quote(obj.pk)])
 
 
 def found(client, model, term) -> set:

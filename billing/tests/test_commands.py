@@ -13,7 +13,6 @@ from django.core.management.base import CommandError
 from billing import stripe_api
 from billing.models import StripeEvent, Subscription
 from billing.simulation.objects import event_object, invoice_line_object, invoice_object, subscription_object
-from billing.tests.stripe_server import FakeStripe
 
 SECRET = "whsec_commands"
 NOW = int(time.time())
@@ -55,14 +54,6 @@ def paid_invoice_event(sub_id="sub_cmd1", customer="cus_cmd1", created=NOW - 300
         paid_at=created,
     )
     return event_object(type="invoice.paid", obj=obj, created=created)
-
-
-@pytest.fixture
-def fake_stripe(settings):
-    with FakeStripe() as server:
-        settings.STRIPE_API_KEY = server.api_key
-        settings.STRIPE_API_BASE = server.url
-        yield server
 
 
 def post(client, settings, payload):

@@ -34,10 +34,10 @@ from billing.simulation.objects import (
     invoice_payment_object,
 )
 from billing.stripe_payloads import read_dispute
-from billing.tests.conftest import DAY, SECRET, T0, WEBHOOK_URL, as_datetime
+from billing.tests.conftest import DAY, T0, WEBHOOK_URL, as_datetime, post_all_at_once
 from billing.tests.lifecycle_state import clear_rows, deliver_until_accepted, snapshot
 from billing.tests.stripe_shapes import FIXTURES, assert_keys_exist
-from billing.tests.test_webhook_concurrency import post_all_at_once
+from billing.tests.support_story import change_page, changelist
 from billing.webhook import registry
 from provisioning.models import Account, Entitlement
 from provisioning.tests.factories import AccountFactory, UserFactory
@@ -360,12 +360,6 @@ LIFECYCLE = [
 ]
 
 
-def clear_all_rows():
-    clear_rows()
-    Dispute.objects.all().delete()
-    Dispute.history.all().delete()
-
-
 def dispute_state() -> dict:
     """Every dispute as mirrored, which of them its invoice and account show, and all other rows."""
     invoice = Invoice.objects.get(stripe_id=INV)
@@ -379,23 +373,18 @@ def dispute_state() -> dict:
     }
 
 
-@pytest.fixture
-def webhook(settings):
-    settings.STRIPE_WEBHOOK_SECRETS = [SECRET]
-
-
 @hsettings(
     max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 @given(order_seed=st.integers(0, 2**32 - 1), duplicates=st.sampled_from([0.0, 0.3, 0.6]))
-def test_any_delivery_order_with_duplicates_ends_as_in_order(client, webhook, order_seed, duplicates):
-    clear_all_rows()
+def test_any_delivery_order_with_duplicates_ends_as_in_order(client, webhook_settings, order_seed, duplicates):
+    clear_rows()
     deliver_until_accepted(client, sorted(LIFECYCLE, key=lambda e: e["created"]))
     expected = dispute_state()
     assert expected["on_invoice"] == expected["on_account"] == [DP]  # the stranger is on neither
     assert [d[1] for d in expected["disputes"]] == ["won", "warning_closed"]
 
-    clear_all_rows()
+    clear_rows()
     shuffled = arrange(LIFECYCLE, rng=random.Random(order_seed), shuffle=True, duplicates=duplicates)
     deliver_until_accepted(client, shuffled)
 
@@ -425,39 +414,31 @@ def disputed_invoice(post_event):
     return Invoice.objects.get(stripe_id=INV)
 
 
-def changelist():
-    return reverse("admin:billing_dispute_changelist")
-
-
-def change_page(obj):
-    return reverse(f"admin:{obj._meta.app_label}_{obj._meta.model_name}_change", args=[obj.pk])
-
-
 def listed(response):
     assert response.status_code == 200
     return {d.stripe_id for d in response.context["cl"].result_list}
 
 
 def test_dispute_list_shows_money_and_filters_by_status(staff_client, disputed_invoice):
-    response = staff_client.get(changelist())
+    response = staff_client.get(changelist(Dispute))
     assert listed(response) == {DP, "dp_stranger"}
     assert b"45.00 USD" in response.content
 
-    assert listed(staff_client.get(changelist(), {"status__exact": "under_review"})) == {DP}
-    assert listed(staff_client.get(changelist(), {"status__exact": "lost"})) == {"dp_stranger"}
-    assert listed(staff_client.get(changelist(), {"reason": "duplicate"})) == {"dp_stranger"}
+    assert listed(staff_client.get(changelist(Dispute), {"status__exact": "under_review"})) == {DP}
+    assert listed(staff_client.get(changelist(Dispute), {"status__exact": "lost"})) == {"dp_stranger"}
+    assert listed(staff_client.get(changelist(Dispute), {"reason": "duplicate"})) == {"dp_stranger"}
 
 
 @pytest.mark.parametrize("term", [DP, CH, PI, INV, "DP-0001", CUS, f"  {DP}  "])
 def test_dispute_search_by_any_stripe_id_it_leads_to(staff_client, disputed_invoice, term):
-    assert listed(staff_client.get(changelist(), {"q": term})) == {DP}
+    assert listed(staff_client.get(changelist(Dispute), {"q": term})) == {DP}
 
 
 @pytest.mark.parametrize("page_of", ["invoice", "account"])
 def test_invoice_and_account_lists_find_them_by_their_dispute(staff_client, post_event, disputed_invoice, page_of):
     assert post_event(paid_invoice(invoice_id="in_other", customer="cus_other", number="DP-0002")).status_code == 200
     model = Invoice if page_of == "invoice" else Account
-    url = reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist")
+    url = changelist(model)
     expected = disputed_invoice if page_of == "invoice" else disputed_invoice.account
 
     assert list(staff_client.get(url, {"q": f" {DP} "}).context["cl"].result_list) == [expected]
@@ -466,8 +447,8 @@ def test_invoice_and_account_lists_find_them_by_their_dispute(staff_client, post
 
 
 def test_dispute_search_with_a_filter_keeps_the_filter(staff_client, disputed_invoice):
-    assert listed(staff_client.get(changelist(), {"q": CUS, "status__exact": "lost"})) == set()
-    assert listed(staff_client.get(changelist(), {"q": "in_nobody"})) == set()
+    assert listed(staff_client.get(changelist(Dispute), {"q": CUS, "status__exact": "lost"})) == set()
+    assert listed(staff_client.get(changelist(Dispute), {"q": "in_nobody"})) == set()
 
 
 def test_dispute_page_links_its_payment_invoice_account_and_dashboard(staff_client, disputed_invoice):
@@ -556,12 +537,12 @@ def test_dispute_changelist_queries_do_not_grow_with_rows(staff_client, post_eve
             )
 
     add(0, 3)
-    staff_client.get(changelist())  # warm per-process caches
+    staff_client.get(changelist(Dispute))  # warm per-process caches
     with CaptureQueriesContext(connection) as few:
-        assert len(listed(staff_client.get(changelist()))) == 3
+        assert len(listed(staff_client.get(changelist(Dispute)))) == 3
     add(3, 30)
     with CaptureQueriesContext(connection) as many:
-        assert len(listed(staff_client.get(changelist()))) == 30
+        assert len(listed(staff_client.get(changelist(Dispute)))) == 30
     assert len(many) == len(few), [q["sql"] for q in many.captured_queries]
 
 

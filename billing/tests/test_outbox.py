@@ -21,23 +21,15 @@ from billing.tasks import (
     sweep_unresolved_payments,
     unresolved_payments,
 )
-from billing.tests.conftest import T0
+from billing.tests.conftest import T0, runs_of
 from billing.tests.factories import InvoiceFactory, PaymentFactory, RefundFactory
-from billing.tests.stripe_server import FakeStripe
-from billing.tests.test_tasks import redis_worker, runs_of, wait_until  # noqa: F401 - redis_worker is a fixture
+from billing.tests.processes import wait_until
 
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def stripe_api(settings):
-    with FakeStripe() as api:
-        settings.STRIPE_API_KEY, settings.STRIPE_API_BASE = api.api_key, api.url
-        yield api
-
-
-def stripe_knows(stripe_api, invoice: Invoice, payment_intent_id: str) -> None:
-    stripe_api.invoice_payments.append(
+def stripe_knows(fake_stripe, invoice: Invoice, payment_intent_id: str) -> None:
+    fake_stripe.invoice_payments.append(
         invoice_payment_object(
             id=f"inpay_{payment_intent_id}",
             invoice=invoice.stripe_id,
@@ -48,10 +40,10 @@ def stripe_knows(stripe_api, invoice: Invoice, payment_intent_id: str) -> None:
     )
 
 
-def look_ups(stripe_api) -> list[str]:
+def look_ups(fake_stripe) -> list[str]:
     """The PaymentIntents Stripe was asked about, in order."""
     return [
-        query["payment[payment_intent]"][0] for path, query in stripe_api.requests if path == "/v1/invoice_payments"
+        query["payment[payment_intent]"][0] for path, query in fake_stripe.requests if path == "/v1/invoice_payments"
     ]
 
 
@@ -63,10 +55,10 @@ def waiting_payment(age: timedelta, **fields) -> Payment:
     return payment
 
 
-def test_the_sweep_asks_stripe_again_for_payments_whose_look_up_was_lost(stripe_api):
+def test_the_sweep_asks_stripe_again_for_payments_whose_look_up_was_lost(fake_stripe):
     invoice = InvoiceFactory(total=5000)
     lost = waiting_payment(timedelta(hours=1))
-    stripe_knows(stripe_api, invoice, lost.payment_intent_id)
+    stripe_knows(fake_stripe, invoice, lost.payment_intent_id)
     waiting_payment(timedelta(seconds=1))  # too fresh: its own look-up, after commit, normally wins
     waiting_payment(PAYMENT_LOOKUP_WINDOW + timedelta(minutes=1))  # asked about for long enough
     waiting_payment(timedelta(hours=1), payment_intent_id="charge:ch_no_intent")  # no PaymentIntent to ask about
@@ -75,7 +67,7 @@ def test_the_sweep_asks_stripe_again_for_payments_whose_look_up_was_lost(stripe_
     assert list(unresolved_payments()) == [lost]
     assert sweep_unresolved_payments() == 1  # no broker: the look-up runs here
 
-    assert look_ups(stripe_api) == [lost.payment_intent_id]
+    assert look_ups(fake_stripe) == [lost.payment_intent_id]
     lost.refresh_from_db()
     assert (lost.invoice, lost.stripe_invoice_id) == (invoice, invoice.stripe_id)
     invoice.refresh_from_db()
@@ -90,23 +82,23 @@ def test_without_an_api_key_the_sweep_asks_nothing(settings):
     assert sweep_unresolved_payments() == 0
 
 
-def test_a_payment_stripe_knows_no_invoice_of_stays_unresolved_until_the_window_ends(stripe_api):
+def test_a_payment_stripe_knows_no_invoice_of_stays_unresolved_until_the_window_ends(fake_stripe):
     payment = waiting_payment(timedelta(hours=1))
 
     assert sweep_unresolved_payments() == 1
-    assert look_ups(stripe_api) == [payment.payment_intent_id]
+    assert look_ups(fake_stripe) == [payment.payment_intent_id]
     assert list(unresolved_payments()) == [payment]
     assert list(unresolved_payments(now=payment.created_at + PAYMENT_LOOKUP_WINDOW)) == []
 
 
 @pytest.mark.django_db(transaction=True)
 def test_with_a_broker_a_refunds_look_up_is_published_after_commit_by_the_publisher(
-    redis_worker,  # noqa: F811 - the fixture imported above
-    stripe_api,
+    redis_worker,
+    fake_stripe,
     post_event,
 ):
     invoice = InvoiceFactory(total=5000)
-    stripe_knows(stripe_api, invoice, "pi_published")
+    stripe_knows(fake_stripe, invoice, "pi_published")
     refund = refund_object(
         id="re_published", charge="ch_published", payment_intent="pi_published", amount=1200, created=T0
     )
@@ -116,6 +108,6 @@ def test_with_a_broker_a_refunds_look_up_is_published_after_commit_by_the_publis
 
     assert wait_until(lambda: Invoice.objects.filter(pk=invoice.pk, amount_refunded=1200).exists())
     assert Payment.objects.get(payment_intent_id="pi_published").invoice == invoice
-    assert look_ups(stripe_api) == ["pi_published"]
+    assert look_ups(fake_stripe) == ["pi_published"]
     # One batch from the web process's publisher; the worker split it into one look-up each.
     assert (runs_of(resolve_payment_invoices), runs_of(resolve_payment_invoice)) == (batches + 1, single + 1)

@@ -21,7 +21,6 @@ from billing.simulation.objects import (
 )
 from billing.tests.conftest import T0
 from billing.tests.factories import PaymentFactory, RefundFactory
-from billing.tests.stripe_server import FakeStripe
 from provisioning.models import Account
 
 pytestmark = pytest.mark.django_db
@@ -97,24 +96,22 @@ def test_a_failed_refund_is_not_counted(post_event):
 
 
 def test_without_invoice_payment_event_the_invoice_payments_api_resolves_it(
-    post_event, settings, django_capture_on_commit_callbacks
+    post_event, fake_stripe, django_capture_on_commit_callbacks
 ):
-    with FakeStripe() as stripe_api:
-        settings.STRIPE_API_KEY, settings.STRIPE_API_BASE = stripe_api.api_key, stripe_api.url
-        stripe_api.invoice_payments = [
-            {
-                "id": "inpay_ref",
-                "object": "invoice_payment",
-                "invoice": INV,
-                "payment": {"type": "payment_intent", "payment_intent": PI},
-                "status": "paid",
-            }
-        ]
-        assert post_event(paid_invoice()).status_code == 200
-        with django_capture_on_commit_callbacks(execute=True):  # the task runs after the commit
-            assert post_event(charge_refunded(2500, T0 + 100)).status_code == 200
-        assert Invoice.objects.get(stripe_id=INV).amount_refunded == 2500
-        assert any(path == "/v1/invoice_payments" for path, _ in stripe_api.requests)
+    fake_stripe.invoice_payments = [
+        {
+            "id": "inpay_ref",
+            "object": "invoice_payment",
+            "invoice": INV,
+            "payment": {"type": "payment_intent", "payment_intent": PI},
+            "status": "paid",
+        }
+    ]
+    assert post_event(paid_invoice()).status_code == 200
+    with django_capture_on_commit_callbacks(execute=True):  # the task runs after the commit
+        assert post_event(charge_refunded(2500, T0 + 100)).status_code == 200
+    assert Invoice.objects.get(stripe_id=INV).amount_refunded == 2500
+    assert any(path == "/v1/invoice_payments" for path, _ in fake_stripe.requests)
 
 
 def test_setup_intent_succeeded_puts_a_payment_method_on_file(post_event):

@@ -17,21 +17,12 @@ from billing.models import Invoice, OwedEmail, StripeEvent, Subscription
 from billing.services.resync import ResyncFailed, resync_invoice, resync_subscription
 from billing.simulation.objects import event_object, invoice_line_object, invoice_object, subscription_object
 from billing.tests.conftest import DAY, deliver
-from billing.tests.stripe_server import FakeStripe
 from provisioning.models import Entitlement
 
 pytestmark = pytest.mark.django_db
 
 NOW = int(time.time())
 START = NOW - 3 * DAY
-
-
-@pytest.fixture
-def fake_stripe(settings):
-    with FakeStripe() as server:
-        settings.STRIPE_API_KEY = server.api_key
-        settings.STRIPE_API_BASE = server.url
-        yield server
 
 
 @pytest.fixture

@@ -6,15 +6,12 @@ run as the web process does (tasks eager, after commit); the last tests start a 
 worker on Redis (``TEST_REDIS_URL``) in a thread of this process, on the same test database.
 """
 
-import os
 import smtplib
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 
-import kombu.pools
 import pytest
-from celery.contrib.testing.worker import start_worker
 from django.conf import settings
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 from django.db import connection, transaction
@@ -34,8 +31,9 @@ from billing.tasks import (
     send_owed_emails,
     sweep_owed_emails,
 )
-from billing.tests.conftest import DAY, T0, subscription_event, trial_subscription
+from billing.tests.conftest import DAY, T0, runs_of, subscription_event, trial_subscription
 from billing.tests.factories import OwedEmailFactory
+from billing.tests.processes import wait_until
 from billing.tests.test_emails import make_account, make_invoice, make_trialing_subscription
 from config.celery import app as celery_app
 
@@ -450,71 +448,12 @@ def test_the_sweep_backs_off_exponentially_up_to_ten_minutes():
 # --- A real worker -----------------------------------------------------------------------
 
 
-def _drop_broker_connections(app) -> None:
-    """Forget the app's broker and result connections, so the next use follows its configuration."""
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
-    app.amqp._producer_pool = None
-    kombu.pools.reset()
-    app._backend_cache = None
-    app._local.__dict__.pop("backend", None)
-
-
-@pytest.fixture
-def redis_worker():
-    """The project's Celery app on Redis with a real worker, in a thread of this process.
-
-    The worker's thread opens its own connection to the same test database (Django's
-    connections are per thread; the test runner has already pointed the settings at the test
-    database), and Celery's Django fix-up closes it after every task. Tests using it need
-    ``django_db(transaction=True)``: the worker cannot see what a test's transaction has not
-    committed, and the fix-up also closes this thread's connection when the worker starts,
-    which would end the transaction a plain ``django_db`` test runs in.
-    """
-    import celery.contrib.testing.tasks  # noqa: F401 - registers celery.ping for start_worker's check
-
-    url = os.environ["TEST_REDIS_URL"]
-    on_redis = {
-        "broker_url": url,
-        "result_backend": url,
-        "task_always_eager": False,
-        "worker_hijack_root_logger": False,  # leave pytest's log capture alone
-    }
-    saved = {name: celery_app.conf[name] for name in on_redis}
-    celery_app.conf.update(on_redis)
-    _drop_broker_connections(celery_app)
-    try:
-        celery_app.control.purge()  # left over by an interrupted run
-        with start_worker(celery_app, loglevel="WARNING", shutdown_timeout=30) as worker:
-            yield worker
-        celery_app.control.purge()  # retries the worker still held go back to the queue when it stops
-    finally:
-        celery_app.conf.update(saved)
-        _drop_broker_connections(celery_app)
-
-
-def wait_until(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
-
-
 def other_connections_to_this_database() -> int:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
         return cursor.fetchone()[0]
-
-
-def runs_of(task) -> int:
-    from celery.worker import state
-
-    return state.total_count.get(task.name, 0)
 
 
 @pytest.mark.django_db(transaction=True)

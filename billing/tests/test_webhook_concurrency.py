@@ -7,10 +7,7 @@ released together by a barrier, each on its own HTTP connection.
 The database is committed for real (``transaction=True``): the race is the race PostgreSQL sees.
 """
 
-import http.client
-import json
 import threading
-import urllib.parse
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -33,9 +30,8 @@ from .conftest import (
     T0,
     WEBHOOK_URL,
     active_subscription,
-    body_of,
     first_invoice_paid_event,
-    sign,
+    post_all_at_once,
     subscription_event,
     trial_subscription,
 )
@@ -43,44 +39,6 @@ from .conftest import (
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 DELIVERIES = 24
-
-
-def post_all_at_once(url: str, payloads: list[dict]) -> list[tuple[int, dict]]:
-    """POST every payload (signed) from its own thread and connection, all released at once.
-
-    The connections are opened one by one before the threads start: the test server's listen
-    backlog is small (10), and 24 simultaneous connects would test the kernel, not the app.
-    Once connected, every thread waits at the barrier and sends its request at the same instant.
-    """
-    target = urllib.parse.urlsplit(url)
-    connections = [http.client.HTTPConnection(target.hostname, target.port, timeout=120) for _ in payloads]
-    for connection in connections:
-        connection.connect()
-    barrier = threading.Barrier(len(payloads))
-    answers: list[tuple[int, dict] | BaseException | None] = [None] * len(payloads)
-
-    def post(index: int, payload: dict) -> None:
-        body = body_of(payload)
-        headers = {"Content-Type": "application/json", "Stripe-Signature": sign(body)}
-        connection = connections[index]
-        try:
-            barrier.wait(timeout=30)
-            connection.request("POST", target.path, body=body.encode(), headers=headers)
-            response = connection.getresponse()
-            answers[index] = (response.status, json.loads(response.read() or b"{}"))
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            answers[index] = exc
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=post, args=(i, p)) for i, p in enumerate(payloads)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=180)
-    failures = [a for a in answers if not isinstance(a, tuple)]
-    assert not failures, failures
-    return answers  # type: ignore[return-value]
 
 
 @pytest.fixture

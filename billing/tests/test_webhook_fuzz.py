@@ -27,8 +27,6 @@ more of them locally.
 from __future__ import annotations
 
 import copy
-import hashlib
-import hmac
 import itertools
 import json
 import os
@@ -57,7 +55,7 @@ from billing.simulation.objects import (
 from billing.webhook import registry
 from provisioning.tests.factories import AccountFactory
 
-from .conftest import DAY, SECRET, T0, TOLERANCE, WEBHOOK_URL, database_state, deliver, sign
+from .conftest import DAY, T0, TOLERANCE, WEBHOOK_URL, database_state, deliver, sign_bytes
 from .stripe_shapes import assert_keys_exist
 
 _EXAMPLES = int(os.environ.get("WEBHOOK_FUZZ_EXAMPLES", "0"))
@@ -358,17 +356,6 @@ def mutations_of(event_type: str):
 # --- 1. Unsigned and badly signed -------------------------------------------------------------
 
 
-def _signature(body: bytes, secret: str = SECRET, timestamp: int | None = None) -> str:
-    """A real signature of ``body``: stripe-python's helper for text; for bytes that are not
-    UTF-8 (which it cannot take) the same v1 scheme by hand, HMAC-SHA256 of ``{t}.{body}``."""
-    timestamp = int(time.time()) if timestamp is None else timestamp
-    try:
-        return sign(body.decode("utf-8"), secret, timestamp)
-    except UnicodeDecodeError:
-        digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-        return f"t={timestamp},v1={digest}"
-
-
 def _applicable_update() -> bytes:
     """A real, well-formed event that would change the seeded subscription if it were accepted."""
     obj = subscription_snapshot("customer.subscription.updated")
@@ -426,11 +413,11 @@ def bad_signature_headers(draw, body: bytes):
     if kind == "non-utf8":  # bytes that are not UTF-8, in the digest or the timestamp
         return draw(st.sampled_from([f"t={now},v1=\xe9\xff", f"t=\xa0{now},v1=00", f"t={now},v1=caf\xe9"]))
     if kind == "other-secret":
-        return _signature(body, secret="whsec_attacker_guess")
+        return sign_bytes(body, secret="whsec_attacker_guess")
     if kind == "other-body":
-        return _signature(body + b" ")
+        return sign_bytes(body + b" ")
     if kind == "stale":
-        return _signature(body, timestamp=now - TOLERANCE - draw(st.integers(min_value=1, max_value=10**6)))
+        return sign_bytes(body, timestamp=now - TOLERANCE - draw(st.integers(min_value=1, max_value=10**6)))
     return f"t={now + draw(st.integers(min_value=1, max_value=10**9))},v1={draw(hex_digests)}"
 
 
