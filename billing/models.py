@@ -134,6 +134,12 @@ class Invoice(MirrorFields):
     )
     paid_at = models.DateTimeField(null=True, blank=True)
     receipt_sent_at = models.DateTimeField(null=True, blank=True)
+    lines_digest = models.CharField(
+        max_length=32,
+        blank=True,
+        editable=False,
+        help_text="A fingerprint of the lines as last written: a snapshot with the same lines rewrites none.",
+    )
 
     history = HistoricalRecords()
 

@@ -96,14 +96,38 @@ def locked_account(customer_id: str) -> Account | None:
     return _instance(Account, row) if row else None
 
 
-def subscription(stripe_id: str):
-    """The mirrored subscription ``stripe_id`` (``sub_...``), or None."""
-    from .models import Subscription
+class SubscriptionRead(NamedTuple):
+    """What a subscription's handlers need, as it is once they hold the account's lock."""
 
+    subscription: models.Model | None  # the mirrored subscription
+    seats_differ: bool  # an entitlement of the period that starts at ``period_start`` has other seats
+    invoices_waiting: bool  # an invoice names the subscription and is not attached to it yet
+
+
+def subscription_read(stripe_id: str, period_start, quantity: int) -> SubscriptionRead:
+    """The mirrored subscription ``stripe_id`` (``sub_...``) or None, whether an entitlement of
+    its period starting at ``period_start`` has seats other than ``quantity``, and whether
+    invoices wait for it, in ONE statement.
+
+    A snapshot that moves the period or the seats, or creates the subscription, changes those
+    entitlements and attaches those invoices; most have neither to do. Three reads with the ORM
+    (decision 0005).
+    """
+    from .models import Invoice, Subscription
+
+    subs, invoices = _qn(Subscription._meta.db_table), _qn(Invoice._meta.db_table)
     row = _fetch(
-        f"SELECT {_columns(Subscription)} FROM {_qn(Subscription._meta.db_table)} WHERE stripe_id = %s", [stripe_id]
+        f"SELECT {_columns(Subscription, 's')},"
+        f" EXISTS (SELECT 1 FROM {_qn(Entitlement._meta.db_table)} e"
+        f" WHERE e.stripe_subscription_id = %s AND e.starts_at = %s AND e.seats <> %s),"
+        f" EXISTS (SELECT 1 FROM {invoices} i WHERE i.stripe_subscription_id = %s AND i.subscription_id IS NULL)"
+        f" FROM (SELECT 1 AS one) x LEFT JOIN {subs} s ON s.stripe_id = %s",
+        [stripe_id, _value(period_start), quantity, stripe_id, stripe_id],
     )
-    return _instance(Subscription, row) if row else None
+    width = len(Subscription._meta.concrete_fields)
+    values = row[:width]
+    sub = _instance(Subscription, values) if values[_pk_index(Subscription)] is not None else None
+    return SubscriptionRead(sub, seats_differ=bool(row[width]), invoices_waiting=bool(row[width + 1]))
 
 
 class InvoiceRead(NamedTuple):
@@ -113,6 +137,7 @@ class InvoiceRead(NamedTuple):
     subscription: models.Model | None  # the subscription the snapshot names, if mirrored
     linked_renewal: models.Model | None  # the renewal already linked to the invoice
     exact_renewal: models.Model | None  # that subscription's renewal effective at the period's start
+    renewal_that_day: bool  # that subscription has a renewal on the UTC date of the period's start
     payments_waiting: bool  # a payment names the invoice and is not attached to it yet
 
 
@@ -122,21 +147,26 @@ def invoice_read(stripe_id: str, stripe_subscription_id: str, period_start) -> I
 
     By the matching rule (``billing.matching``) a renewal linked to the invoice, or else the one
     effective at the exact start of its period, decides the link without reading the other
-    candidates. Four reads with the ORM; this is most of an invoice event's reads (decision 0005).
+    candidates; and with neither, and no renewal on that UTC date, there is no candidate to
+    read. Five reads with the ORM; this is most of an invoice event's reads (decision 0005).
     """
+    from .matching import utc_day
     from .models import Invoice, Payment, Renewal, Subscription
 
     invoices, subs, renewals = (_qn(m._meta.db_table) for m in (Invoice, Subscription, Renewal))
+    day_start, day_end = (_value(t) for t in utc_day(period_start)) if period_start else (None, None)
     row = _fetch(
         f"SELECT {_columns(Invoice, 'i')}, {_columns(Subscription, 's')}, {_columns(Renewal, 'r')},"
-        f" {_columns(Renewal, 'e')}, EXISTS (SELECT 1 FROM {_qn(Payment._meta.db_table)} p"
-        f" WHERE p.stripe_invoice_id = %s AND p.invoice_id IS NULL)"
+        f" {_columns(Renewal, 'e')},"
+        f" EXISTS (SELECT 1 FROM {renewals} d WHERE d.subscription_id = s.id"
+        f" AND d.effective_date >= %s AND d.effective_date < %s),"
+        f" EXISTS (SELECT 1 FROM {_qn(Payment._meta.db_table)} p WHERE p.stripe_invoice_id = %s AND p.invoice_id IS NULL)"
         f" FROM (SELECT 1 AS one) x"
         f" LEFT JOIN {invoices} i ON i.stripe_id = %s"
         f" LEFT JOIN {subs} s ON s.stripe_id = %s"
         f" LEFT JOIN {renewals} r ON r.stripe_invoice_id = %s AND r.subscription_id = s.id"
         f" LEFT JOIN {renewals} e ON e.effective_date = %s AND e.subscription_id = s.id",
-        [stripe_id, stripe_id, stripe_subscription_id, stripe_id, _value(period_start)],
+        [day_start, day_end, stripe_id, stripe_id, stripe_subscription_id, stripe_id, _value(period_start)],
     )
     parts, offset = [], 0
     for model in (Invoice, Subscription, Renewal, Renewal):
@@ -144,7 +174,29 @@ def invoice_read(stripe_id: str, stripe_subscription_id: str, period_start) -> I
         values = row[offset : offset + width]
         parts.append(_instance(model, values) if values[_pk_index(model)] is not None else None)
         offset += width
-    return InvoiceRead(*parts, payments_waiting=bool(row[offset]))
+    return InvoiceRead(*parts, renewal_that_day=bool(row[offset]), payments_waiting=bool(row[offset + 1]))
+
+
+class PaymentRead(NamedTuple):
+    """What ``invoice_payment.paid`` needs, as it is once it holds the invoice's lock."""
+
+    invoice_id: int | None  # the primary key of the mirrored invoice, if any
+    refund_known: bool  # a refund of the PaymentIntent is mirrored
+
+
+def payment_read(stripe_invoice_id: str, payment_intent_id: str) -> PaymentRead:
+    """The invoice a payment names (its primary key, or None) and whether a refund of the
+    PaymentIntent is known, in ONE statement: two ORM reads on every ``invoice_payment.paid``
+    (decision 0005).
+    """
+    from .models import Invoice, Refund
+
+    row = _fetch(
+        f"SELECT (SELECT i.id FROM {_qn(Invoice._meta.db_table)} i WHERE i.stripe_id = %s),"
+        f" EXISTS (SELECT 1 FROM {_qn(Refund._meta.db_table)} r WHERE r.payment_intent_id = %s)",
+        [stripe_invoice_id, payment_intent_id],
+    )
+    return PaymentRead(invoice_id=row[0], refund_known=bool(row[1]))
 
 
 @cache

@@ -7,6 +7,7 @@ snapshot older than the mirror is not written, and an invoice's status never mov
 
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple
 
 from provisioning import services as provisioning
@@ -50,7 +51,8 @@ def mirror_invoice(event: Event) -> MirroredInvoice:
     lock_invoice(snap.stripe_id)
     account = lock_account(snap.customer)
     line = snap.subscription_line
-    read = sql.invoice_read(snap.stripe_id, snap.subscription_id, line.period_start if line else None)
+    period_start = line.period_start if line else None
+    read = sql.invoice_read(snap.stripe_id, snap.subscription_id, period_start)
     invoice, sub = read.invoice, read.subscription
     values = {
         "subscription_id": sub.pk if sub else None,
@@ -66,7 +68,7 @@ def mirror_invoice(event: Event) -> MirroredInvoice:
         "customer_email": snap.customer_email,
         "hosted_invoice_url": snap.hosted_invoice_url,
         "invoice_pdf": snap.invoice_pdf,
-        "period_start": line.period_start if line else None,
+        "period_start": period_start,
         "period_end": line.period_end if line else None,
         "line_quantity": line.quantity if line else None,
         "paid_at": snap.paid_at or (event.created if snap.status == Invoice.Status.PAID else None),
@@ -74,10 +76,10 @@ def mirror_invoice(event: Event) -> MirroredInvoice:
         "livemode": event.livemode,
     }
     if invoice is None:
-        invoice = Invoice(stripe_id=snap.stripe_id, account=account, **values)
+        invoice = Invoice(stripe_id=snap.stripe_id, account=account, lines_digest=lines_digest(snap), **values)
         invoice.last_event_created, invoice.last_event_id = event.created, event.id
         sql.create_with_history(invoice, reason=event.type)
-        _write_lines(invoice, snap, new=True)
+        _write_lines(invoice, snap, existing=[])
         applied = True
     elif older_than_stored(invoice, event) or _status_moves_backwards(invoice.status, snap.status):
         applied = False
@@ -85,29 +87,52 @@ def mirror_invoice(event: Event) -> MirroredInvoice:
         if sub is None:
             values["subscription_id"] = invoice.subscription_id  # never forget a known subscription
         values["paid_at"] = values["paid_at"] or invoice.paid_at
+        written = invoice.lines_digest
         was_draft = invoice.status == Invoice.Status.DRAFT
+        if was_draft:  # lines only change while the invoice is a draft
+            values["lines_digest"] = lines_digest(snap)
         save_snapshot(invoice, values, event)
-        if was_draft:
-            _write_lines(invoice, snap, new=False)  # lines only change while the invoice is a draft
+        if was_draft and values["lines_digest"] != written:
+            _write_lines(invoice, snap, existing=list(invoice.lines.all()))
         applied = True
     if invoice.account_id == account.pk:
         invoice.account = account
     if sub is not None and invoice.subscription_id == sub.pk:
         invoice.subscription = sub
-    renewal = renewals.link_invoice_to_renewal(invoice, linked=read.linked_renewal, exact=read.exact_renewal)
+    renewal = renewals.link_invoice_to_renewal(invoice, _renewals_that_decide(read, invoice, period_start))
     if read.payments_waiting:
         attach_waiting_payments(invoice)
     return MirroredInvoice(invoice, applied, renewal)
 
 
-def _write_lines(invoice: Invoice, snap: InvoiceSnapshot, *, new: bool) -> None:
-    """The invoice's lines as the snapshot has them (rewritten only if they differ)."""
+def _renewals_that_decide(read: sql.InvoiceRead, invoice: Invoice, period_start) -> list[Renewal] | None:
+    """The renewals that decide the invoice's link, as ``invoice_read`` found them; None when
+    its read cannot tell (``link_invoice_to_renewal`` then reads every candidate).
+    """
+    if read.subscription is None or invoice.subscription_id != read.subscription.pk:
+        return None  # the invoice keeps a subscription its snapshot does not name
+    if invoice.period_start != period_start:
+        return None  # a stale snapshot of another period: the read looked at its date
+    if read.linked_renewal or read.exact_renewal or not read.renewal_that_day:
+        return [r for r in (read.linked_renewal, read.exact_renewal) if r is not None]
+    return None  # renewals near the period's start on that date: the nearest wins, read them all
 
-    def key(line):
-        return (line.stripe_id, line.amount, line.quantity, line.period_start, line.period_end)
 
-    existing = [] if new else list(invoice.lines.all())
-    if {key(line) for line in existing} == {key(line) for line in snap.lines}:
+def _line_key(line) -> tuple:
+    return (line.stripe_id, line.amount, line.quantity, line.period_start, line.period_end)
+
+
+def lines_digest(snap: InvoiceSnapshot) -> str:
+    """A fingerprint of the snapshot's lines (what ``_write_lines`` compares), kept on the invoice
+    so that a snapshot with the lines already written (most ``invoice.finalized``) reads none.
+    """
+    keys = sorted((_line_key(line) for line in snap.lines), key=lambda key: key[0])
+    return hashlib.blake2b(repr(keys).encode(), digest_size=16).hexdigest()
+
+
+def _write_lines(invoice: Invoice, snap: InvoiceSnapshot, *, existing: list[InvoiceLineItem]) -> None:
+    """The invoice's lines as the snapshot has them (``existing`` rewritten only if they differ)."""
+    if {_line_key(line) for line in existing} == {_line_key(line) for line in snap.lines}:
         return
     for line in existing:
         line._change_reason = "invoice snapshot"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
+from .. import sql
 from ..models import Invoice, Payment, Refund
 from ..outbox import run_after_commit
 from ..stripe_payloads import Event, read_charge, read_invoice_payment, read_refund
@@ -29,18 +30,18 @@ def record_invoice_payment(event: Event) -> None:
     snap = read_invoice_payment(event.obj)
     if not snap.payment_intent_id:
         return
-    invoice_id = None
     if snap.invoice_id:
         lock_invoice(snap.invoice_id)  # then look for the invoice: one committed meanwhile is seen
-        invoice_id = Invoice.objects.filter(stripe_id=snap.invoice_id).values_list("id", flat=True).first()
+    read = sql.payment_read(snap.invoice_id, snap.payment_intent_id)
     payment, created = get_or_create_locked(
         Payment,
         {"payment_intent_id": snap.payment_intent_id},
-        {"stripe_invoice_id": snap.invoice_id, "invoice_id": invoice_id, "livemode": event.livemode},
+        {"stripe_invoice_id": snap.invoice_id, "invoice_id": read.invoice_id, "livemode": event.livemode},
     )
-    if created and not Refund.objects.filter(payment_intent_id=snap.payment_intent_id).exists():
+    if created and not read.refund_known:
         # Nothing of it is refunded yet: its invoice's refunded amount cannot change. A refund
-        # written concurrently waits for this payment's row (lock_payment), then recomputes.
+        # written concurrently creates this payment's row or waits for it (lock_payment), then
+        # recomputes.
         return
     save_changed(payment, {"stripe_invoice_id": snap.invoice_id, "livemode": event.livemode}, reason=event.type)
     recompute_refunded(payment)

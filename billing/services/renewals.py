@@ -50,28 +50,18 @@ def link_renewal_to_invoice(renewal: Renewal) -> None:
         _link(renewal, invoice)
 
 
-def link_invoice_to_renewal(
-    invoice: Invoice, *, linked: Renewal | None = None, exact: Renewal | None = None
-) -> Renewal | None:
+def link_invoice_to_renewal(invoice: Invoice, candidates: list[Renewal] | None = None) -> Renewal | None:
     """Link ``invoice`` to the renewal it pays for; the renewal (linked before or now), or None.
 
     A renewal already linked to another invoice keeps its link: the conflict is logged and
     that renewal is returned so the caller can decide (DESIGN: a linked renewal never changes).
-    ``linked`` (the renewal already linked to the invoice) and ``exact`` (the one effective at
-    the exact start of its period), when the caller has read them, decide it without reading
-    the other candidates: by the matching rule nothing else can win over them.
+    ``candidates``: the renewals that decide the link, when the caller has read them (by the
+    matching rule, the one linked to the invoice and the one effective at the exact start of its
+    period win over any other); otherwise every renewal that could match is read here.
     """
     if invoice.subscription_id is None or invoice.period_start is None:
         return None
-    if linked is not None and linked.subscription_id == invoice.subscription_id:
-        return linked
-    if (
-        exact is not None
-        and exact.subscription_id == invoice.subscription_id
-        and exact.effective_date == invoice.period_start
-    ):
-        candidates = [exact]
-    else:
+    if candidates is None:
         start, end = matching.utc_day(invoice.period_start)
         candidates = Renewal.objects.filter(
             Q(effective_date__gte=start, effective_date__lt=end) | Q(stripe_invoice_id=invoice.stripe_id),

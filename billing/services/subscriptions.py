@@ -43,13 +43,16 @@ def mirror_subscription(event: Event) -> tuple[Subscription, bool]:
         "stripe_created": snap.created,
         "livemode": event.livemode,
     }
-    sub = sql.subscription(snap.stripe_id)
+    read = sql.subscription_read(snap.stripe_id, snap.current_period_start, snap.quantity)
+    sub = read.subscription
     if sub is None:
         sub = Subscription(stripe_id=snap.stripe_id, account=account, **values)
         sub.last_event_created, sub.last_event_id = event.created, event.id
         sql.create_with_history(sub, reason=event.type)
-        _attach_waiting_invoices(sub)
-        _apply_period_seats(sub, snap.current_period_start, snap.quantity, newest=True)
+        if read.invoices_waiting:
+            _attach_waiting_invoices(sub)
+        if read.seats_differ:
+            _apply_period_seats(sub, snap.current_period_start, snap.quantity, newest=True)
         sync_subscription(sub)
         return sub, True
     if sub.account_id == account.pk:
@@ -59,7 +62,7 @@ def mirror_subscription(event: Event) -> tuple[Subscription, bool]:
         return sub, False
     changed = save_snapshot(sub, values, event)
     # Entitlements and renewals only move when what they are derived from moved.
-    if changed & {"quantity", "current_period_start"}:
+    if changed & {"quantity", "current_period_start"} and read.seats_differ:
         _apply_period_seats(sub, snap.current_period_start, snap.quantity, newest=True)
     if changed & {"trial_start", "trial_end", "ended_at"}:
         sync_subscription(sub)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from billing.models import Invoice, InvoiceLineItem, OwedEmail, Renewal, StripeEvent
 from billing.simulation.objects import event_object, invoice_line_object, invoice_object
@@ -281,3 +283,55 @@ def test_a_renewal_planned_after_its_invoice_arrived_is_linked_to_it(post_event)
         (as_datetime(TRIAL_END), "in_r1"),
         (as_datetime(PERIOD_END), "in_r2"),
     ]
+
+
+def _statements_during(post, event) -> list[str]:
+    with CaptureQueriesContext(connection) as queries:
+        assert post(event).status_code == 200
+    return [q["sql"] for q in queries.captured_queries]
+
+
+def test_draft_lines_are_rewritten_when_they_change_and_not_even_read_when_they_do_not(post_event):
+    trial_started(post_event)
+    draft = renewal_invoice("in_lines", status="draft")
+    assert post_event(invoice_event("invoice.created", draft, TRIAL_END)).status_code == 200
+    extra = invoice_line_object(
+        id="il_extra", invoice="in_lines", amount=500, quantity=1, period_start=T0, period_end=T0, description="Extra"
+    )
+    edited = renewal_invoice("in_lines", status="draft", created=TRIAL_END)
+    edited["lines"]["data"].append(extra)
+    edited["lines"]["total_count"] = 2
+    assert post_event(invoice_event("invoice.updated", edited, TRIAL_END + 10)).status_code == 200
+    assert sorted(InvoiceLineItem.objects.values_list("stripe_id", flat=True)) == ["il_extra", "il_in_lines"]
+    history_rows = InvoiceLineItem.history.count()
+
+    finalized = renewal_invoice("in_lines", status="open", created=TRIAL_END)
+    finalized["lines"] = edited["lines"]
+    statements = _statements_during(post_event, invoice_event("invoice.finalized", finalized, TRIAL_END + 3600))
+    assert not [s for s in statements if "billing_invoicelineitem" in s]  # same lines: neither read nor written
+    assert InvoiceLineItem.history.count() == history_rows
+    invoice = Invoice.objects.get(stripe_id="in_lines")
+    assert invoice.status == "open" and invoice.lines.count() == 2
+
+
+def test_an_invoice_with_no_renewal_on_its_date_reads_no_renewals(post_event):
+    """The subscription's first invoice: no renewal can match, and invoice_read already knows."""
+    trial_started(post_event)
+    line = invoice_line_object(
+        id="il_first", invoice="in_first", amount=0, quantity=2, period_start=T0, period_end=TRIAL_END, subscription=SUB
+    )
+    first = invoice_object(
+        id="in_first",
+        customer=CUS,
+        status="paid",
+        billing_reason="subscription_create",
+        lines=[line],
+        subscription=SUB,
+        number="INV-first",
+        created=T0,
+        finalized_at=T0 + 1,
+        paid_at=T0 + 2,
+    )
+    statements = _statements_during(post_event, invoice_event("invoice.paid", first, T0 + 5))
+    assert not [s for s in statements if s.startswith('SELECT "billing_renewal"')]  # the ORM's candidate read
+    assert Renewal.objects.get().stripe_invoice_id is None  # the trial's renewal stays for its own invoice
