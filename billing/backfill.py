@@ -1,16 +1,13 @@
 """Backfill renewals' ``effective_date`` and ``stripe_invoice_id`` from what is already stored.
 
-``backfill_renewal_invoices`` serves migration 0003 (frozen models) and ``manage.py
-backfill_renewal_invoices`` (real models): it takes the model classes and touches only fields
-that exist at migration 0002. It never overwrites a value. Dates come from entitlements and the
-subscription; links from stored invoice events, by the live handlers' rule (``read_invoice``,
-``matching.decide_link``). Batches of whole subscriptions, by keyset on ``subscription_id``
-among renewals still missing a value: a re-run resumes, and a run after a complete one changes
-nothing. Each batch: a few ORM queries, decisions in Python, one set-based write with its
-history rows, one transaction. PostgreSQL only: the events are found through migration 0003's
-expression index, and the write is one ``UPDATE ... FROM unnest()`` statement (SQLite, for
-``make run``, starts empty and has nothing to backfill). See
-docs/decisions/0004-backfill-renewal-invoices.rst.
+For migration 0003 (frozen models) and ``manage.py backfill_renewal_invoices`` (real models): it
+touches only fields that exist at migration 0002 and never overwrites a value. Dates come from
+entitlements and the subscription, links from stored invoice events by the live handlers' rule
+(``matching.decide_link``). Batches of whole subscriptions by keyset among renewals still missing
+a value, each a few ORM queries, decisions in Python and one set-based write with its history
+rows, in one transaction: a re-run resumes, and changes nothing after a complete run. PostgreSQL
+only: events are found through 0003's expression index, the write is ``UPDATE ... FROM unnest()``
+(SQLite, for ``make run``, starts empty). See docs/decisions/0004-backfill-renewal-invoices.rst.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ from datetime import UTC, date, datetime
 
 import orjson
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, NotSupportedError, connections, transaction
-from django.db.models import CharField, OuterRef, Q, Subquery, TextField, Value
+from django.db.models import CharField, Func, OuterRef, Q, Subquery, TextField, Value
 from django.db.models.expressions import RawSQL
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast, Coalesce, NullIf
@@ -95,9 +92,8 @@ class BackfillReport:
         for each in fields(self):
             if "label" in each.metadata:
                 setattr(self, each.name, getattr(self, each.name) + getattr(batch, each.name))
-        for name in ("conflict_samples", "malformed_samples"):
-            samples = getattr(self, name)
-            samples.extend(getattr(batch, name)[: max(0, SAMPLE_LIMIT - len(samples))])
+        self.conflict_samples = (self.conflict_samples + batch.conflict_samples)[:SAMPLE_LIMIT]
+        self.malformed_samples = (self.malformed_samples + batch.malformed_samples)[:SAMPLE_LIMIT]
 
     def summary(self) -> list[tuple[str, int]]:
         """The figures an operator reads at the end of a run, in order."""
@@ -137,18 +133,14 @@ def backfill_renewal_invoices(
         since = datetime(since.year, since.month, since.day, tzinfo=UTC)
     models = (renewal_model, subscription_model, event_model, entitlement_model, history_model)
     run = _Run(*models, using, since, tuple(subscription_ids or ()), dry_run)
-    report = BackfillReport(dry_run=dry_run, total=run.renewals_in_scope().count())
-    if not subscription_ids:
-        report.unreadable_events = run.count_unreadable_events()
-    if progress is not None:
-        progress(report)  # the total is known: a progress bar can start
-    after = None
-    while subscription_pks := run.next_subscriptions(after, batch_size):
+    report = BackfillReport(dry_run=dry_run, total=run.in_scope.count())
+    report.unreadable_events = 0 if subscription_ids else run.count_unreadable_events()
+    progress = progress or (lambda report: None)
+    progress(report)  # the total is known: a progress bar can start
+    for subscription_pks in run.batches(batch_size):
         report.add(run.batch(subscription_pks))
         report.seconds = time.monotonic() - started
-        if progress is not None:
-            progress(report)
-        after = subscription_pks[-1]
+        progress(report)
     report.seconds = time.monotonic() - started
     return report
 
@@ -171,15 +163,12 @@ class _Renewal:
     changed: bool = False
 
 
-def derived_effective_date(
-    position: int, renewals: Sequence[_Renewal], subscription, paid_window_ends
-) -> datetime | None:
+def derived_effective_date(position: int, renewals: list[_Renewal], subscription, paid_window_ends) -> datetime | None:
     """When ``renewals[position]`` takes effect, from what the app already knows; None if unknown.
 
-    ``renewals`` are the subscription's renewals in creation (primary key) order: provisioning
-    plans one at trial start (effective at ``trial_end``) and one after each paid period
-    (effective at its end). ``paid_window_ends`` are the ends of its ``paid`` entitlements in
-    order. The most direct evidence wins:
+    ``renewals`` are the subscription's, in creation (pk) order: provisioning plans one at trial
+    start (effective at ``trial_end``) and one after each paid period (effective at its end);
+    ``paid_window_ends``, the ends of its ``paid`` entitlements in order. The most direct wins:
 
     1. the paid window the renewal moved to starts at it (``to_entitlement.starts_at``);
     2. the window it moved from ends at it (``from_entitlement.expires_at``);
@@ -189,21 +178,15 @@ def derived_effective_date(
        yet, the subscription's current period end.
     """
     renewal = renewals[position]
-    if renewal.to_starts is not None:
-        return renewal.to_starts
-    if renewal.from_expires is not None:
-        return renewal.from_expires
-    has_trial = subscription.trial_end is not None
-    if position == 0 and has_trial:
-        return subscription.trial_end
-    if position > 0 and renewals[position - 1].to_expires is not None:
-        return renewals[position - 1].to_expires
-    rank = position - 1 if has_trial else position
-    if 0 <= rank < len(paid_window_ends):
-        return paid_window_ends[rank]
-    if position == len(renewals) - 1 and not renewal.processed:
-        return subscription.current_period_end
-    return None
+    rank = position - 1 if subscription.trial_end is not None else position
+    return (  # datetimes are never false: each ``or`` moves on only from a missing value
+        renewal.to_starts
+        or renewal.from_expires
+        or (subscription.trial_end if position == 0 else None)
+        or (renewals[position - 1].to_expires if position > 0 else None)
+        or (paid_window_ends[rank] if 0 <= rank < len(paid_window_ends) else None)
+        or (subscription.current_period_end if position == len(renewals) - 1 and not renewal.processed else None)
+    )
 
 
 class _Unreadable(Exception):
@@ -213,8 +196,8 @@ class _Unreadable(Exception):
 def _parse(invoice_object: dict | str | None) -> dict:
     """An event's ``data.object`` as a dict, parsed if it is JSON text; raises _Unreadable.
 
-    orjson parses a stored event a few times faster than ``json``; what it refuses and ``json``
-    reads (integers beyond 64 bits) goes to ``json``, so the outcome is the standard library's.
+    orjson parses a few times faster than ``json``; what it refuses (integers beyond 64 bits) goes
+    to ``json``, so the outcome is the standard library's.
     """
     if isinstance(invoice_object, str):
         try:
@@ -232,10 +215,9 @@ def _parse(invoice_object: dict | str | None) -> dict:
 def service_period_start(invoice_object: dict | str | None, subscription_stripe_id: str) -> datetime | None:
     """``period.start`` of the invoice's subscription line (None if it has none); raises _Unreadable.
 
-    ``invoice_object`` is the event's ``data.object`` (or its JSON text); the line is the one
-    ``read_invoice(...).subscription_line`` picks for the live handlers, read by the same readers:
-    the lines, the customer and the subscription (the invoice's amounts, number and URLs play no
-    part in the match, and reading them doubled the time per stored invoice).
+    ``invoice_object`` is the event's ``data.object`` or its JSON text. The line is the one the live
+    handlers pick (``read_invoice(...).subscription_line``), by the readers of what decides the match
+    only: lines, customer and subscription (reading the whole invoice doubled the time).
     """
     obj = _parse(invoice_object)
     lines = obj.get("lines")
@@ -249,11 +231,9 @@ def service_period_start(invoice_object: dict | str | None, subscription_stripe_
     if subscription_id != subscription_stripe_id:
         raise _Unreadable(f"the invoice names subscription {subscription_id or 'none'}")
     line = subscription_line(lines)
-    if line is not None:
-        return line.period_start
-    if any(line.is_subscription_period for line in lines):
+    if line is None and any(each.is_subscription_period for each in lines):
         raise _Unreadable("its subscription line has no period")
-    return None  # only invoice items: it pays for no period
+    return line.period_start if line is not None else None  # None: only invoice items, it pays for no period
 
 
 def _decide_dates(subscription, renewals: list[_Renewal], paid_window_ends, report: BackfillReport) -> None:
@@ -273,11 +253,10 @@ def _decide_dates(subscription, renewals: list[_Renewal], paid_window_ends, repo
 def _link_invoice(subscription, renewals, invoice_id, events, linked_elsewhere: bool, report) -> None:
     """Apply the live rule to one invoice, trying its snapshots (``events``: (id, JSON text)) in order.
 
-    The live handlers link on the first snapshot that decides (``invoice.created``, or
-    ``invoice.paid`` if the draft matched nothing); so does this. A snapshot is parsed only when
-    reached; one with the lines of the last snapshot read has the same period and is skipped.
+    As the live handlers do, link on the first snapshot that decides (``invoice.created``, else
+    ``invoice.paid``), parsing each only when reached; one with the lines of the last read is skipped.
     """
-    decision, problems, tried, read = None, [], set(), None
+    decision, problems, read = None, [], None  # decision: None until a snapshot is read (malformed)
     for event_id, text in events:
         try:
             obj = _parse(text)
@@ -288,63 +267,55 @@ def _link_invoice(subscription, renewals, invoice_id, events, linked_elsewhere: 
         except _Unreadable as exc:
             problems.append(f"{event_id} ({invoice_id}): {exc}")
             continue
-        read, seen = shape, period_start in tried
-        tried.add(period_start)
-        if period_start is None or seen:
-            continue
+        read = shape
         candidates = ((r.effective_date, r.stripe_invoice_id, r) for r in renewals)
         decision = matching.decide_link(candidates, invoice_id, period_start, invoice_already_linked=linked_elsewhere)
-        if decision.outcome != matching.Decision.UNMATCHED:
+        if decision.outcome != matching.Decision.UNMATCHED:  # no period start is UNMATCHED too
             break
-    outcome = decision.outcome if decision is not None else None
-    if outcome == matching.Decision.LINK and decision.renewal.in_scope:
+    if decision is None:
+        report.malformed += 1
+        report.malformed_samples.extend(problems)
+    elif decision.outcome == matching.Decision.LINK and decision.renewal.in_scope:
         decision.renewal.stripe_invoice_id, decision.renewal.changed = invoice_id, True
         report.linked += 1
-    elif outcome == matching.Decision.LINK:
+    elif decision.outcome == matching.Decision.LINK:
         report.out_of_scope += 1
-    elif outcome == matching.Decision.ALREADY_LINKED:
+    elif decision.outcome == matching.Decision.ALREADY_LINKED:
         report.already_linked += 1
-    elif outcome == matching.Decision.CONFLICT:
+    elif decision.outcome == matching.Decision.CONFLICT:
         report.conflicts += 1
         kept = decision.renewal
         sample = f"renewal {kept.pk} of {subscription.stripe_id} is linked to {kept.stripe_invoice_id}"
         report.conflict_samples.append(f"{sample}; {invoice_id} also matches it (kept the first)")
-    elif tried:
-        report.unmatched += 1
     else:
-        report.malformed += 1
-        report.malformed_samples.extend(problems)
+        report.unmatched += 1
 
 
 # --- Reading and writing ------------------------------------------------------------------
 
 
 class _Run:
-    """One run: its models (maybe frozen), scope and queries."""
+    """One run: its models (maybe frozen), scope, queries and writes."""
 
     def __init__(self, renewal, subscription, event, entitlement, history, using, since, subscription_ids, dry_run):
-        self.renewal_model, self.history_model, self.using = renewal, history, using
-        self.renewals = renewal._default_manager.db_manager(using)
-        self.subscriptions = subscription._default_manager.db_manager(using)
-        self.events = event._default_manager.db_manager(using)
-        self.entitlements = entitlement._default_manager.db_manager(using)
-        self.dry_run = dry_run
+        self.renewal_model, self.history_model, self.using, self.dry_run = renewal, history, using, dry_run
+        managers = (model._default_manager.db_manager(using) for model in (renewal, subscription, event, entitlement))
+        self.renewals, self.subscriptions, self.events, self.entitlements = managers
         # Renewals the run is for: missing a value, and within the operator's filters.
         self.scope = Q(effective_date__isnull=True) | Q(stripe_invoice_id__isnull=True)
         if since is not None:
             self.scope &= Q(effective_date__gte=since) | Q(effective_date__isnull=True, created_at__gte=since)
         if subscription_ids:
             self.scope &= Q(subscription__stripe_id__in=subscription_ids)
+        self.in_scope = self.renewals.filter(self.scope)
 
-    def renewals_in_scope(self):
-        return self.renewals.filter(self.scope)
-
-    def next_subscriptions(self, after: int | None, limit: int) -> list[int]:
-        """The next subscriptions (keyset on ``subscription_id``) with up to ``limit`` renewals in scope."""
-        rows = self.renewals_in_scope().order_by("subscription_id")
-        if after is not None:
-            rows = rows.filter(subscription_id__gt=after)
-        return sorted(set(rows.values_list("subscription_id", flat=True)[:limit]))
+    def batches(self, size: int):
+        """Subscription pks in batches of whole subscriptions with up to ``size`` renewals in scope,
+        by keyset on ``subscription_id``; each batch is chosen once the one before it is done."""
+        rows = in_scope = self.in_scope.order_by("subscription_id").values_list("subscription_id", flat=True)
+        while subscription_pks := sorted(set(rows[:size])):
+            yield subscription_pks
+            rows = in_scope.filter(subscription_id__gt=subscription_pks[-1])
 
     def invoice_events(self):
         """Invoice events, with the subscription each names (``named``) and its ``data.object`` as JSON text."""
@@ -354,19 +325,15 @@ class _Run:
 
     def count_unreadable_events(self) -> int:
         """Invoice events whose ``data.object`` is not an object (they name no subscription)."""
-        unreadable = 0
-        for text in self.invoice_events().filter(named__isnull=True).values_list("text", flat=True).iterator():
-            try:
-                _parse(text)
-            except _Unreadable:
-                unreadable += 1
-        return unreadable
+        kind = Coalesce(Func("payload__data__object", function="jsonb_typeof"), Value(""), output_field=CharField())
+        return self.invoice_events().filter(named__isnull=True).alias(kind=kind).exclude(kind="object").count()
 
     def batch(self, subscription_pks: list[int], attempts: int = WRITE_ATTEMPTS) -> BackfillReport:
         """Read, decide and (unless a dry run) write one batch, in a transaction of its own."""
         try:
             with transaction.atomic(using=self.using):
                 report, changes = self.decide(subscription_pks)
+                report.renewals_changed = len(changes)
                 if changes and not self.dry_run:
                     report.renewals_changed, report.history_rows = self.write(changes)
                 return report
@@ -403,17 +370,13 @@ class _Run:
                 elsewhere = linked_to not in (None, subscription.pk)  # an invoice is never linked twice
                 _link_invoice(subscription, renewals[subscription.pk], invoice_id, events, elsewhere, report)
 
-        changes = [r for rows in renewals.values() for r in rows if r.changed]
         in_scope = [r for rows in renewals.values() for r in rows if r.in_scope]
         report.renewals, report.still_unlinked = len(in_scope), sum(r.stripe_invoice_id is None for r in in_scope)
-        if self.dry_run:
-            report.renewals_changed = len(changes)
-        return report, changes
+        return report, [r for rows in renewals.values() for r in rows if r.changed]
 
     def read_invoices(self, stripe_ids: list[str]) -> dict[str, dict[str, tuple[int | None, list]]]:
-        """{subscription: {invoice: (linked_to, [(event id, JSON text)])}}, events and invoices in the
-        order Stripe created them (as the live handlers saw them); ``linked_to`` is the subscription
-        pk of a renewal already linked to the invoice."""
+        """{subscription: {invoice: (linked_to, [(event id, JSON text)])}} in the order Stripe created the
+        events, as the live handlers saw them; ``linked_to``: the subscription pk of a renewal linked to it."""
         invoice = Coalesce(NullIf("object_id", Value("")), KT("payload__data__object__id"), output_field=CharField())
         linked_to = Subquery(self.renewals.filter(stripe_invoice_id=OuterRef("invoice")).values("subscription_id")[:1])
         rows = self.invoice_events().filter(named__in=stripe_ids).annotate(invoice=invoice, linked_to=linked_to)
@@ -427,18 +390,13 @@ class _Run:
     def write(self, changes: list[_Renewal]) -> tuple[int, int]:
         """Write the batch's decisions and their history rows; (renewals updated, history rows).
 
-        One statement: ``UPDATE ... FROM unnest(arrays)``, and the history rows' ``INSERT`` fed
-        by its ``RETURNING``; a history row is what django-simple-history writes on a save
-        (every tracked field, type "~", no user, the backfill's reason). The batch's reads take
-        no locks, so ``COALESCE`` keeps a value a live handler wrote since: nothing is
-        overwritten, and a unique violation redoes the batch. (Column names are the fields'
-        attnames, as migrations 0001 and 0002 create them.)
+        One ``UPDATE ... FROM unnest(arrays)`` whose ``RETURNING`` feeds the history ``INSERT``: the
+        row django-simple-history writes on a save (every tracked field, type "~", no user, our
+        reason). The reads took no locks: ``COALESCE`` keeps a value a live handler wrote since, and
+        a unique violation redoes the batch. Columns are the attnames migrations 0001-0002 create.
         """
-        now = datetime.now(UTC)
-        history = {f.attname for f in self.history_model._meta.concrete_fields} if self.history_model else ()
-        tracked = [f.attname for f in self.renewal_model._meta.concrete_fields if f.attname in history]
         quote = connections[self.using].ops.quote_name
-        update = f"""
+        sql = f"""
             UPDATE {quote(self.renewal_model._meta.db_table)} AS r
                SET effective_date = COALESCE(r.effective_date, c.effective_date),
                    stripe_invoice_id = COALESCE(r.stripe_invoice_id, c.stripe_invoice_id), updated_at = %s
@@ -446,16 +404,16 @@ class _Run:
              WHERE r.id = c.id AND ((r.effective_date IS NULL AND c.effective_date IS NOT NULL)
                                     OR (r.stripe_invoice_id IS NULL AND c.stripe_invoice_id IS NOT NULL))"""
         columns = [[r.pk for r in changes], [r.effective_date for r in changes], [r.stripe_invoice_id for r in changes]]
-        with connections[self.using].cursor() as cursor:
-            if not tracked:
-                cursor.execute(update, [now, *columns])
-                return cursor.rowcount, 0
+        params = [datetime.now(UTC), *columns]
+        if self.history_model is not None:  # dated at the update's instant, as a save() dates it
+            history = {f.attname for f in self.history_model._meta.concrete_fields}
+            tracked = [f.attname for f in self.renewal_model._meta.concrete_fields if f.attname in history]
             copied = ", ".join(map(quote, tracked))
-            cursor.execute(
-                f"""WITH updated AS ({update} RETURNING r.*)
+            sql = f"""WITH updated AS ({sql} RETURNING r.*)
                 INSERT INTO {quote(self.history_model._meta.db_table)}
                        ({copied}, history_date, history_change_reason, history_type, history_user_id)
-                SELECT {copied}, %s, %s, '~', NULL FROM updated""",
-                [now, *columns, now, HISTORY_CHANGE_REASON],
-            )
-            return cursor.rowcount, cursor.rowcount
+                SELECT {copied}, updated_at, %s, '~', NULL FROM updated"""
+            params.append(HISTORY_CHANGE_REASON)
+        with connections[self.using].cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.rowcount, cursor.rowcount if self.history_model is not None else 0

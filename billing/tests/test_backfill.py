@@ -514,6 +514,26 @@ def test_a_snapshot_after_an_unreadable_one_with_the_same_lines_is_read_on_its_o
 
 
 @pytest.mark.django_db
+def test_unreadable_events_are_counted_by_the_rule_the_batches_parse_with():
+    """The count (one query) and ``_parse`` (what a batch applies to each snapshot) agree on every
+    kind of ``data.object``, integers beyond 64 bits included."""
+    objects = ["in_1", ["in_1"], None, 10**25, 1.5, True, {}, {"id": "in_2", "amount": 10**25}]
+    for n, obj in enumerate(objects):
+        store(StripeEvent, {"id": f"evt_{n}", "type": "invoice.paid", "data": {"object": obj}})
+    store(StripeEvent, {"id": "evt_none", "type": "invoice.created", "data": {}})  # no data.object at all
+
+    def unreadable(text):
+        try:
+            backfill._parse(text)
+        except backfill._Unreadable:
+            return True
+        return False
+
+    expected = sum(unreadable(json.dumps(obj)) for obj in objects) + unreadable(None)
+    assert expected == 7 and run().unreadable_events == expected
+
+
+@pytest.mark.django_db
 def test_filters_limit_what_is_changed():
     renewals = build_world(real_models())
 
