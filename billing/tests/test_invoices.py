@@ -10,7 +10,14 @@ from django.test.utils import CaptureQueriesContext
 
 from billing.models import Invoice, InvoiceLineItem, OwedEmail, Renewal, StripeEvent
 from billing.simulation.objects import event_object, invoice_line_object, invoice_object
-from billing.tests.conftest import DAY, T0, as_datetime, subscription_event, trial_subscription
+from billing.tests.conftest import (
+    DAY,
+    T0,
+    as_datetime,
+    first_invoice_paid_event,
+    subscription_event,
+    trial_subscription,
+)
 from provisioning.models import Entitlement
 
 pytestmark = pytest.mark.django_db
@@ -317,21 +324,7 @@ def test_draft_lines_are_rewritten_when_they_change_and_not_even_read_when_they_
 def test_an_invoice_with_no_renewal_on_its_date_reads_no_renewals(post_event):
     """The subscription's first invoice: no renewal can match, and invoice_read already knows."""
     trial_started(post_event)
-    line = invoice_line_object(
-        id="il_first", invoice="in_first", amount=0, quantity=2, period_start=T0, period_end=TRIAL_END, subscription=SUB
-    )
-    first = invoice_object(
-        id="in_first",
-        customer=CUS,
-        status="paid",
-        billing_reason="subscription_create",
-        lines=[line],
-        subscription=SUB,
-        number="INV-first",
-        created=T0,
-        finalized_at=T0 + 1,
-        paid_at=T0 + 2,
-    )
-    statements = _statements_during(post_event, invoice_event("invoice.paid", first, T0 + 5))
+    first = first_invoice_paid_event("in_first", sub_id=SUB, customer=CUS, start=T0, end=TRIAL_END, created=T0 + 5)
+    statements = _statements_during(post_event, first)
     assert not [s for s in statements if s.startswith('SELECT "billing_renewal"')]  # the ORM's candidate read
     assert Renewal.objects.get().stripe_invoice_id is None  # the trial's renewal stays for its own invoice
