@@ -1,8 +1,14 @@
-"""Writes to accounts and entitlements. Billing handlers call these; nothing else writes.
+"""Accounts and entitlements: what a new one holds, what may change, and the writes support makes.
 
 Every function expects to run inside the caller's transaction. The caller holds the account's
-lock (``lock_account_for_customer``, taken first by every writer of a customer's rows), which is
-what serialises concurrent events of one customer.
+lock (``billing.services.locks.lock_account``, taken first by every writer of a customer's rows),
+which is what serialises concurrent events of one customer.
+
+The three writes every customer's webhooks make (its account when first seen, the details it
+learns later, an entitlement per trial and paid period) are *built* here and stored by billing's
+services, each with its history row in one statement (``billing.sql``; decision 0005 gives the
+measured cost of saving them with the ORM instead). Provisioning keeps the rules, and depends on
+nothing of billing.
 """
 
 from __future__ import annotations
@@ -14,33 +20,29 @@ from .models import Account, Entitlement, Membership
 
 logger = logging.getLogger(__name__)
 
+# The fields of ``uniq_entitlement_window``: one entitlement per window, however often granted.
+ENTITLEMENT_WINDOW = ("stripe_subscription_id", "kind", "starts_at")
 
-def lock_account_for_customer(customer_id: str, *, name: str = "", email: str = "") -> Account:
-    """The account of a Stripe customer, locked for this transaction; created if never seen.
+
+def new_account_for_customer(customer_id: str, *, name: str = "", email: str = "") -> Account:
+    """The account (unsaved) of a Stripe customer seen for the first time.
 
     A subscription created through the API with no checkout still gets an account, named after
-    the customer's name or e-mail when the payload carries them. Two concurrent first events of
-    a customer both try the INSERT; the second waits for the first to commit, then finds and
-    locks the row the first created (``get_or_create`` reads again after the conflict).
+    the customer's name or e-mail when the payload carries them, else after the customer id.
     """
-    account, created = Account.objects.select_for_update().get_or_create(
-        stripe_customer_id=customer_id,
-        defaults={"name": (name or email or customer_id)[:255], "billing_email": email},
-    )
-    if not created:
-        learn_customer_details(account, name, email)
-    return account
+    return Account(stripe_customer_id=customer_id, name=(name or email or customer_id)[:255], billing_email=email)
 
 
-def learn_customer_details(account: Account, name: str, email: str) -> None:
-    """Fill in what an account created from a bare customer id did not know yet.
+def learn_customer_details(account: Account, name: str, email: str) -> list[str]:
+    """Fill in what an account created from a bare customer id did not know yet; the fields
+    changed on ``account`` (unsaved; none if it knew everything already).
 
     A name that is only a placeholder (the customer id, or the e-mail) gives way to the real
     name whichever event brings it, so the result does not depend on delivery order. A name
     someone chose (at checkout, in the admin) is never touched.
     """
     if not name and not email:
-        return
+        return []
     fields = []
     placeholders = {account.stripe_customer_id, account.billing_email, email} - {""}
     better = name or email
@@ -50,12 +52,10 @@ def learn_customer_details(account: Account, name: str, email: str) -> None:
     if email and not account.billing_email:
         account.billing_email = email
         fields.append("billing_email")
-    if fields:
-        account._change_reason = "customer details from Stripe"
-        account.save(update_fields=[*fields, "updated_at"])
+    return fields
 
 
-def grant_entitlement(
+def entitlement_for_window(
     account_id: int,
     *,
     kind: str,
@@ -64,24 +64,19 @@ def grant_entitlement(
     expires_at: datetime,
     seats: int,
     stripe_invoice_id: str = "",
-) -> bool:
-    """The entitlement for one window of a subscription, created once (its window is unique).
-
-    A window granted already is left as it is: False. The caller holds the account's lock, so
-    the read and the INSERT cannot interleave with another grant of the same window; the unique
-    constraint stands behind it (a violation fails the event, and its retry finds the window).
+) -> Entitlement:
+    """The entitlement (unsaved) for one window of a subscription: it never ends before it
+    starts and never has fewer than no seats. Stored once per window (``ENTITLEMENT_WINDOW``).
     """
-    window = {"stripe_subscription_id": stripe_subscription_id, "kind": kind, "starts_at": starts_at}
-    if Entitlement.objects.filter(**window).exists():
-        return False
-    Entitlement.objects.create(
-        **window,
+    return Entitlement(
         account_id=account_id,
+        kind=kind,
+        stripe_subscription_id=stripe_subscription_id,
+        starts_at=starts_at,
         expires_at=max(expires_at, starts_at),
         seats=max(seats, 0),
         stripe_invoice_id=stripe_invoice_id,
     )
-    return True
 
 
 def update_entitlement(entitlement: Entitlement, *, reason: str, **fields) -> bool:

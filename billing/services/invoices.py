@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from typing import NamedTuple
 
-from provisioning import services as provisioning
 from provisioning.models import Entitlement
 
 from .. import sql
@@ -22,7 +21,7 @@ from . import renewals
 from .locks import lock_account, lock_invoice
 from .payments import attach_waiting_payments
 from .snapshots import older_than_stored, save_snapshot
-from .subscriptions import end_subscription, seats_for_period
+from .subscriptions import end_subscription, grant_entitlement, seats_for_period
 
 # Stripe's invoice statuses in the order they can be reached; paid and void are final.
 # https://docs.stripe.com/invoicing/overview#invoice-statuses
@@ -193,10 +192,9 @@ def grant_paid_period(sub: Subscription, invoice: Invoice) -> None:
 
     The caller relinks the renewals' entitlements once it has made all its changes.
     """
-    provisioning.grant_entitlement(
-        sub.account_id,
+    grant_entitlement(
+        sub,
         kind=Entitlement.Kind.PAID,
-        stripe_subscription_id=sub.stripe_id,
         starts_at=invoice.period_start,
         expires_at=invoice.period_end,
         seats=seats_for_period(sub, invoice.period_start, invoice.line_quantity),

@@ -41,15 +41,24 @@ def lock_invoice(stripe_invoice_id: str) -> None:
 def lock_account(customer: CustomerRef) -> Account:
     """The customer's account, locked until the transaction ends; created if never seen.
 
+    Two first events of a customer both try the INSERT; the second waits for the first to
+    commit, skips its own, then reads and locks the row the first created.
+
     When the event is the first to tell the account its e-mail address, the account's e-mails
     that were waiting for a recipient (owed by events that came before it) are sent once this
     transaction commits (``billing.outbox``).
     """
     account = sql.locked_account(customer.customer_id)
     if account is None:
-        return provisioning.lock_account_for_customer(customer.customer_id, name=customer.name, email=customer.email)
+        account = provisioning.new_account_for_customer(customer.customer_id, name=customer.name, email=customer.email)
+        if sql.create_with_history(account, reason=None, unless_exists=["stripe_customer_id"]):
+            return account  # this transaction holds the new row until it ends
+        # A concurrent first event of the customer created it: the INSERT waited for its commit.
+        account = sql.locked_account(customer.customer_id)
     had_email = bool(account.billing_email)
-    provisioning.learn_customer_details(account, customer.name, customer.email)
+    learned = provisioning.learn_customer_details(account, customer.name, customer.email)
+    if learned:
+        sql.save_with_history(account, learned, reason="customer details from Stripe")
     if account.billing_email and not had_email:
         send_emails_waiting_for_a_recipient(account)
     return account

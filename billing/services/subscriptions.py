@@ -89,10 +89,9 @@ def _attach_waiting_invoices(sub: Subscription) -> None:
 def sync_subscription(sub: Subscription) -> None:
     """Bring the trial's entitlement and renewal, and the end, in line with the mirror (idempotent)."""
     if sub.trial_start and sub.trial_end:
-        provisioning.grant_entitlement(
-            sub.account_id,
+        grant_entitlement(
+            sub,
             kind=Entitlement.Kind.TRIAL,
-            stripe_subscription_id=sub.stripe_id,
             starts_at=sub.trial_start,
             expires_at=sub.trial_end,
             seats=seats_for_period(sub, sub.trial_start, sub.quantity),
@@ -137,6 +136,28 @@ def period_quantity(stripe_subscription_id: str, period_start: datetime) -> int 
         if snap.current_period_start == period_start:
             return snap.quantity
     return None
+
+
+def grant_entitlement(
+    sub: Subscription, *, kind: str, starts_at: datetime, expires_at: datetime, seats: int, stripe_invoice_id: str = ""
+) -> bool:
+    """The subscription's entitlement for one window (trial or paid period), granted once.
+
+    Provisioning says what it holds; it is stored with its history row in one statement, unless
+    the window has one already (``ON CONFLICT DO NOTHING`` on ``uniq_entitlement_window``): then
+    nothing changes and this returns False (``sync_subscription`` grants the trial's window
+    again on every snapshot). The caller holds the account's lock.
+    """
+    entitlement = provisioning.entitlement_for_window(
+        sub.account_id,
+        kind=kind,
+        stripe_subscription_id=sub.stripe_id,
+        starts_at=starts_at,
+        expires_at=expires_at,
+        seats=seats,
+        stripe_invoice_id=stripe_invoice_id,
+    )
+    return sql.create_with_history(entitlement, reason=None, unless_exists=provisioning.ENTITLEMENT_WINDOW)
 
 
 def seats_for_period(sub: Subscription, period_start: datetime, fallback: int | None) -> int:

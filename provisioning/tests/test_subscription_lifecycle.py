@@ -400,6 +400,24 @@ def test_older_snapshot_never_overwrites_a_newer_one(post):
     assert StripeEvent.objects.get(pk="evt_older").status == StripeEvent.Status.PROCESSED
 
 
+def test_a_trial_granted_again_by_each_snapshot_that_moves_it_is_written_once(post):
+    """``sync_subscription`` grants the trial's window again whenever a snapshot moves the trial
+    or the end; a window that has its row keeps it as it is: no second row, no history row."""
+    post(subscription_event("customer.subscription.created", trial_subscription(SUB, CUSTOMER), created=T0))
+    trial = Entitlement.objects.get(kind=Entitlement.Kind.TRIAL)
+    assert list(Entitlement.history.filter(id=trial.pk).values_list("history_type", flat=True)) == ["+"]
+
+    # Each of these changes ``ended_at`` (cancel, then a later end), so each grants the trial again.
+    for n, ended in enumerate((T0 + 20 * DAY, T0 + 25 * DAY), start=1):
+        assert (
+            post(updated(1, T0 + n * DAY, f"evt_trial_again_{n}", status="canceled", ended_at=ended)).status_code == 200
+        )
+
+    assert Subscription.objects.get().ended_at == as_datetime(T0 + 25 * DAY)
+    assert list(Entitlement.objects.values_list("pk", "kind")) == [(trial.pk, Entitlement.Kind.TRIAL)]
+    assert list(Entitlement.history.filter(id=trial.pk).values_list("history_type", flat=True)) == ["+"]
+
+
 def test_deleted_subscription_is_not_revived_by_an_older_update(post):
     story = subscription_story()
     post(story[5])  # deleted (canceled), newest
