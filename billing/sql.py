@@ -403,10 +403,18 @@ def _qn(name: str) -> str:
 
 
 @cache
+def _history_model(model):
+    """simple-history's model of ``model``'s history rows, or None. Looked up once per model:
+    each access to ``Model.history`` builds a new manager class."""
+    history = getattr(model, "history", None)
+    return None if history is None else history.model
+
+
+@cache
 def _tracked_columns(model) -> str:
     """The columns a model's history table copies from it, quoted, as simple-history defines them."""
     own = {f.column for f in model._meta.concrete_fields}
-    return ", ".join(_qn(f.column) for f in model.history.model._meta.concrete_fields if f.column in own)
+    return ", ".join(_qn(f.column) for f in _history_model(model)._meta.concrete_fields if f.column in own)
 
 
 def _write_with_history(
@@ -424,12 +432,12 @@ def _write_with_history(
     """
     meta, db = model._meta, _db()
     pk = _qn(meta.pk.column)
-    history = getattr(model, "history", None)
+    history_model = _history_model(model)
     with db.cursor() as cursor:
-        if history is None:
+        if history_model is None:
             cursor.execute(f"{write} RETURNING {pk}", params)
             return [row[0] for row in cursor.fetchall()]
-        history_meta = history.model._meta
+        history_meta = history_model._meta
         tracked = _tracked_columns(model)
         why, why_params = reason_sql or ("%s", [reason[:100] if reason else None])
         insert_history = (
