@@ -71,6 +71,10 @@ class Membership(models.Model):
         return f"{self.user} is {self.role} of {self.account}"
 
 
+# What makes an entitlement's window: one row per subscription, kind and start (``uniq_entitlement_window``).
+ENTITLEMENT_WINDOW = ("stripe_subscription_id", "kind", "starts_at")
+
+
 class Entitlement(models.Model):
     """What an account may use for a window of time.
 
@@ -102,9 +106,7 @@ class Entitlement(models.Model):
     class Meta:
         ordering = ["starts_at", "pk"]
         constraints = [
-            models.UniqueConstraint(
-                fields=["stripe_subscription_id", "kind", "starts_at"], name="uniq_entitlement_window"
-            ),
+            models.UniqueConstraint(fields=ENTITLEMENT_WINDOW, name="uniq_entitlement_window"),
             models.CheckConstraint(
                 condition=models.Q(expires_at__gte=models.F("starts_at")), name="entitlement_window_ordered"
             ),

@@ -20,9 +20,6 @@ from .models import Account, Entitlement, Membership
 
 logger = logging.getLogger(__name__)
 
-# The fields of ``uniq_entitlement_window``: one entitlement per window, however often granted.
-ENTITLEMENT_WINDOW = ("stripe_subscription_id", "kind", "starts_at")
-
 
 def new_account_for_customer(customer_id: str, *, name: str = "", email: str = "") -> Account:
     """The account (unsaved) of a Stripe customer seen for the first time.
@@ -66,7 +63,8 @@ def entitlement_for_window(
     stripe_invoice_id: str = "",
 ) -> Entitlement:
     """The entitlement (unsaved) for one window of a subscription: it never ends before it
-    starts and never has fewer than no seats. Stored once per window (``ENTITLEMENT_WINDOW``).
+    starts, and its seats are never negative. It is stored once per window
+    (``models.ENTITLEMENT_WINDOW``, the fields of its unique constraint).
     """
     return Entitlement(
         account_id=account_id,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from provisioning import services as provisioning
-from provisioning.models import Entitlement
+from provisioning.models import ENTITLEMENT_WINDOW, Entitlement
 
 from .. import sql
 from ..models import Invoice, OwedEmail, Renewal, StripeEvent, Subscription
@@ -157,7 +157,7 @@ def grant_entitlement(
         seats=seats,
         stripe_invoice_id=stripe_invoice_id,
     )
-    return sql.create_with_history(entitlement, reason=None, unless_exists=provisioning.ENTITLEMENT_WINDOW)
+    return sql.create_with_history(entitlement, reason=None, unless_exists=ENTITLEMENT_WINDOW)
 
 
 def seats_for_period(sub: Subscription, period_start: datetime, fallback: int | None) -> int:
