@@ -378,7 +378,8 @@ class _Run:
         """{subscription: {invoice: (linked_to, [(event id, JSON text)])}} in the order Stripe created the
         events, as the live handlers saw them; ``linked_to``: the subscription pk of a renewal linked to it."""
         invoice = Coalesce(NullIf("object_id", Value("")), KT("payload__data__object__id"), output_field=CharField())
-        linked_to = Subquery(self.renewals.filter(stripe_invoice_id=OuterRef("invoice")).values("subscription_id")[:1])
+        linked = self.renewals.filter(stripe_invoice_id=OuterRef("invoice")).order_by()  # unique: no ordering
+        linked_to = Subquery(linked.values("subscription_id")[:1])
         rows = self.invoice_events().filter(named__in=stripe_ids).annotate(invoice=invoice, linked_to=linked_to)
         rows = rows.order_by("created", "pk").values_list("pk", "invoice", "named", "linked_to", "text")
         invoices: dict[str, dict[str, tuple]] = {}

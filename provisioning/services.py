@@ -1,4 +1,4 @@
-"""Accounts and entitlements: what a new one holds, what may change, and the writes support makes.
+"""Accounts and entitlements: what a new one holds, what may change; the rarer changes, saved here.
 
 Every function expects to run inside the caller's transaction. The caller holds the account's
 lock (``billing.services.locks.lock_account``, taken first by every writer of a customer's rows),
