@@ -312,6 +312,42 @@ def test_a_delivery_waiting_for_its_event_row_holds_no_account_lock(webhook_url)
     assert Subscription.objects.get().quantity == 4
 
 
+def test_a_first_event_that_meets_the_account_being_created_locks_that_account(webhook_url):
+    """Two first events of a customer: the second's INSERT of the account meets the first's.
+
+    An outside transaction plays the first event: it has inserted the customer's account and not
+    committed. The delivery's INSERT (``ON CONFLICT DO NOTHING``) must wait for it, skip its own
+    row once it commits, then lock and use that row: one account, which learns the e-mail the
+    delivery carries (a history row says so), and the invoice on it.
+    """
+    import psycopg
+
+    sub_id, customer = "sub_race_account", "cus_race_account"
+    invoice_created = trial_invoice_created(sub_id, customer)
+    answers = []
+    with (
+        psycopg.connect(_outside_conninfo(), autocommit=True) as watcher,
+        psycopg.connect(_outside_conninfo()) as first,
+    ):
+        first.execute(
+            "INSERT INTO provisioning_account (name, stripe_customer_id, billing_email, default_payment_method_id,"
+            " created_at, updated_at) VALUES (%s, %s, '', '', now(), now())",
+            [customer, customer],
+        )
+        second = threading.Thread(target=lambda: answers.extend(post_all_at_once(webhook_url, [invoice_created])))
+        second.start()
+        _wait_for_waiters(watcher, 1)
+        first.commit()
+        second.join(timeout=60)
+
+    assert [status for status, _ in answers] == [200]
+    account = Account.objects.get()
+    assert (account.stripe_customer_id, account.billing_email) == (customer, "founder@new.example")
+    learned = Account.history.get(id=account.pk)
+    assert (learned.history_type, learned.history_change_reason) == ("~", "customer details from Stripe")
+    assert Invoice.objects.get().account == account
+
+
 def test_an_invoice_that_waited_for_the_lock_finds_the_subscription_mirrored_meanwhile(webhook_url):
     """An invoice's handler reads the subscription only once it holds the account's lock. Here
     the subscription is mirrored (and committed) while the invoice waits for that lock: the
