@@ -38,6 +38,7 @@ class MirroredInvoice(NamedTuple):
     invoice: Invoice
     applied: bool  # False if the snapshot was older than the mirror (nothing of it written)
     renewal: Renewal | None  # the renewal the invoice pays for, linked before or now
+    snapshot: InvoiceSnapshot  # the event's snapshot, as read (what the mirror does not keep, too)
 
 
 def mirror_invoice(event: Event) -> MirroredInvoice:
@@ -101,7 +102,7 @@ def mirror_invoice(event: Event) -> MirroredInvoice:
     renewal = renewals.link_invoice_to_renewal(invoice, _renewals_that_decide(read, invoice, period_start))
     if read.payments_waiting:
         attach_waiting_payments(invoice)
-    return MirroredInvoice(invoice, applied, renewal)
+    return MirroredInvoice(invoice, applied, renewal, snap)
 
 
 def _renewals_that_decide(read: sql.InvoiceRead, invoice: Invoice, period_start) -> list[Renewal] | None:

@@ -105,10 +105,9 @@ def recompute_refunded(payment: Payment) -> None:
             _ask_stripe_for_invoice(payment.payment_intent_id)
         return
     invoice = Invoice.objects.select_for_update().get(pk=payment.invoice_id)
-    payments = list(Payment.objects.filter(invoice=invoice))
-    refunds = Refund.objects.of_payments(Payment.objects.filter(invoice=invoice)).filter(
-        status__in=COUNTED_REFUND_STATUSES
-    )
+    invoice_payments = Payment.objects.filter(invoice=invoice)
+    payments = list(invoice_payments)
+    refunds = Refund.objects.of_payments(invoice_payments).filter(status__in=COUNTED_REFUND_STATUSES)
     refunds = list(refunds.values_list("payment_intent_id", "charge_id", "amount"))
     total = 0
     for p in payments:

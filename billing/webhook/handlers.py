@@ -11,7 +11,6 @@ from ..services.disputes import mirror_dispute
 from ..services.invoices import mirror_invoice, owe_payment_failed_email, settle_paid_invoice
 from ..services.payments import record_charge_refund, record_invoice_payment, record_refund
 from ..services.subscriptions import mirror_subscription, owe_trial_will_end_email
-from ..stripe_fields import count
 from ..stripe_payloads import Event
 from .registry import handles
 
@@ -65,8 +64,7 @@ def on_invoice_paid(event: Event) -> None:
 def on_invoice_payment_failed(event: Event) -> None:
     """Mirror the invoice and owe the billing-error e-mail (once per payment attempt)."""
     mirrored = mirror_invoice(event)
-    # The one field the mirror does not keep, read on its own (mirror_invoice read the rest).
-    owe_payment_failed_email(mirrored.invoice, count(event.obj, "attempt_count", default=0))
+    owe_payment_failed_email(mirrored.invoice, mirrored.snapshot.attempt_count)
 
 
 @handles("invoice_payment.paid")
