@@ -43,11 +43,12 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 ## make test: lint, then the suite but the fault tests (make test-faults) against PostgreSQL (and Redis/Celery where a test is about the queue)
+# The migration check compares models with migrations only, on an in-memory database: a fresh
+# machine has no "billing" database, and the history check would warn about it.
 test: lint browser
 	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=test \
 	$(BIN)/python manage.py check --fail-level WARNING
-	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=test \
-	$(BIN)/python manage.py makemigrations --check --dry-run
+	DATABASE_URL=sqlite://:memory: DJANGO_SECRET_KEY=test $(BIN)/python manage.py makemigrations --check --dry-run
 	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=test \
 	$(BIN)/pytest -m "not faults" $(PYTEST_ARGS)
 
